@@ -1,0 +1,577 @@
+"""Feature stores: the one module that knows the Zarr layout of the cache.
+
+A store is one Zarr v3 group per (dataset, encoder configuration) at
+``<root>/<dataset>/<encoder>-<key[:12]>.zarr``. Arrays (first axis = manifest
+row order):
+
+- one float16 array per feature stream, e.g. ``audio`` (N, Ta, Da),
+  ``visual`` (N, Tv, Dv), ``visual_dense`` (N, Tv, P, Dv);
+- ``status`` (N,) uint8: 0 pending, 1 ok, > 1 an error code (:data:`STATUS_NAMES`);
+- ``valid_len`` (N,) float32: seconds of real content in the clip window
+  (the rest is padding);
+- ``labels`` (N,) int32 manifest class id (first label of multi-source rows,
+  all of them in ``labels_multi`` (N, L) padded with -1);
+- ``sample_id`` (N,) str.
+
+Every array is sharded on the row axis with the same ``rows_per_shard``
+(shards of about 16–32 MB, smaller inner chunks, zstd + crc32c). The shard is
+the unit of work and of writing: a writer encodes all rows of a shard, writes
+them in one aligned assignment per array, then writes the shard's done-marker
+``_shards/<i>.done.json`` (row range, failures with reasons, a sha256 of every
+array's bytes). A crash redoes at most that shard. Writers claim a shard with an
+exclusive ``_shards/<i>.claim`` file, so two writers never encode the same shard.
+
+The group attributes hold the full key material, ``key``, ``status``
+(``building`` → ``complete``), counts, library versions, creation time and host.
+A complete store is never modified; readers open read-only and refuse a store
+that is incomplete or whose key differs from the one asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import zarr
+import zarr.codecs as zc
+
+from .manifest import Manifest, canonical_hash
+
+SCHEMA_VERSION = 1
+TARGET_SHARD_BYTES = 24 << 20
+TARGET_CHUNK_BYTES = 2 << 20
+SHARDS_DIR = "_shards"
+META_ARRAYS = ("status", "valid_len", "labels", "labels_multi", "sample_id")
+
+STATUS_PENDING = 0
+STATUS_OK = 1
+STATUS_MISSING = 2
+STATUS_UNREADABLE = 3
+STATUS_NO_AUDIO = 4
+STATUS_NO_VIDEO = 5
+STATUS_EMPTY = 6
+STATUS_ENCODE_ERROR = 7
+STATUS_NAMES = {
+    STATUS_PENDING: "pending",
+    STATUS_OK: "ok",
+    STATUS_MISSING: "missing-file",
+    STATUS_UNREADABLE: "unreadable",
+    STATUS_NO_AUDIO: "no-audio-track",
+    STATUS_NO_VIDEO: "no-video-track",
+    STATUS_EMPTY: "zero-length",
+    STATUS_ENCODE_ERROR: "encode-error",
+}
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked; the message names the store and key."""
+
+
+def compute_key(material: Mapping) -> str:
+    """sha256 of the canonical JSON of the schema version and the key material."""
+    return canonical_hash({"schema": SCHEMA_VERSION, **material})
+
+
+def store_path(root: str | os.PathLike, dataset: str, encoder: str, key: str) -> str:
+    """``<root>/<dataset>/<encoder>-<key12>.zarr``."""
+    return f"{str(root).rstrip('/')}/{dataset}/{encoder}-{key[:12]}.zarr"
+
+
+def plan_rows(row_bytes: int, n_rows: int) -> tuple[int, int]:
+    """(rows_per_shard, rows_per_chunk) for rows of ``row_bytes`` bytes.
+
+    Shards aim at :data:`TARGET_SHARD_BYTES`, inner chunks at
+    :data:`TARGET_CHUNK_BYTES`; the shard is a whole number of chunks.
+    """
+    row_bytes = max(1, row_bytes)
+    per_chunk = max(1, TARGET_CHUNK_BYTES // row_bytes)
+    per_shard = max(per_chunk, (TARGET_SHARD_BYTES // row_bytes) // per_chunk * per_chunk)
+    per_shard = min(per_shard, max(per_chunk, -(-n_rows // per_chunk) * per_chunk))
+    return int(per_shard), int(per_chunk)
+
+
+def _versions() -> dict:
+    import numcodecs
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "zarr": zarr.__version__,
+           "numcodecs": numcodecs.__version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:  # a reader need not have torch
+        pass
+    return out
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _fs(path: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _array_digest(a: np.ndarray) -> str:
+    if a.dtype.kind in "OTU":
+        data = "\x00".join(str(x) for x in a.reshape(-1)).encode("utf-8")
+    else:
+        data = np.ascontiguousarray(a).tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    sample_id: str
+    code: int
+    reason: str
+
+
+class FeatureStore:
+    """An open feature store. Use :func:`open_store` (read) or :func:`create_store` (write)."""
+
+    def __init__(self, path: str, group: zarr.Group, writable: bool = False):
+        self.path = str(path)
+        self.group = group
+        self.writable = writable
+        self._fs, self._root = _fs(self.path)
+        self._attrs_cache: dict | None = None
+
+    # -- identity ---------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        if self._attrs_cache is None or self.writable:
+            self._attrs_cache = dict(self.group.attrs)
+        return self._attrs_cache
+
+    @property
+    def key(self) -> str:
+        return self.attrs["key"]
+
+    @property
+    def key_material(self) -> dict:
+        return self.attrs["key_material"]
+
+    @property
+    def status(self) -> str:
+        return self.attrs.get("status", "building")
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.attrs["n_rows"])
+
+    @property
+    def rows_per_shard(self) -> int:
+        return int(self.attrs["rows_per_shard"])
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.rows_per_shard)
+
+    @property
+    def streams(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v) for k, v in self.attrs["streams"].items()}
+
+    @property
+    def dataset(self) -> str:
+        return self.attrs.get("dataset", "")
+
+    @property
+    def encoder(self) -> str:
+        return self.key_material.get("encoder", "")
+
+    def shard_rows(self, i: int) -> slice:
+        if not 0 <= i < self.n_shards:
+            raise IndexError(f"{self.path}: shard {i} out of range 0..{self.n_shards - 1}")
+        return slice(i * self.rows_per_shard, min(self.n_rows, (i + 1) * self.rows_per_shard))
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.path!r}, key={self.key[:12]}, status={self.status})"
+
+    # -- reading ----------------------------------------------------------------
+    def read(self, name: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Read a whole array (shard-sized reads), optionally taking ``rows`` after."""
+        if name not in self.group:
+            raise StoreError(f"{self.path}: no array {name!r}; it has {sorted(self.group.array_keys())}")
+        arr = self.group[name]
+        if isinstance(rows, slice):
+            return arr[rows]
+        data = arr[...]
+        return data if rows is None else data[np.asarray(rows)]
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [str(x) for x in self.read("sample_id")]
+
+    def labels(self) -> np.ndarray:
+        return self.read("labels")
+
+    def row_status(self) -> np.ndarray:
+        return self.read("status")
+
+    def rows_for(self, sample_ids: Iterable[str]) -> np.ndarray:
+        """Row indices of ``sample_ids`` in order; a clear error lists ids not in the store."""
+        index = {s: i for i, s in enumerate(self.sample_ids)}
+        ids = list(sample_ids)
+        missing = [s for s in ids if s not in index]
+        if missing:
+            raise StoreError(
+                f"{self.path}: {len(missing)} sample ids are not in this store (e.g. {', '.join(missing[:5])})"
+            )
+        return np.fromiter((index[s] for s in ids), dtype=np.int64, count=len(ids))
+
+    # -- shard bookkeeping ------------------------------------------------------
+    def _marker(self, i: int, kind: str) -> str:
+        return f"{self._root.rstrip('/')}/{SHARDS_DIR}/{i:06d}.{kind}"
+
+    def done_marker(self, i: int) -> dict | None:
+        try:
+            with self._fs.open(self._marker(i, "done.json"), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def done_shards(self) -> set[int]:
+        try:
+            names = self._fs.ls(f"{self._root.rstrip('/')}/{SHARDS_DIR}", detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for n in names:
+            base = n.rsplit("/", 1)[-1]
+            if base.endswith(".done.json"):
+                out.add(int(base.split(".")[0]))
+        return out
+
+    def pending_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [i for i in range(self.n_shards) if i not in done]
+
+    # -- writing ----------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        if _is_url(self.path) and not self.path.startswith("file://"):
+            raise StoreError(f"{self.path}: extraction writes to a local directory; copy the store afterwards")
+
+    def claim(self, i: int) -> bool:
+        """Claim shard ``i`` for this process; False if done or held by a live writer.
+
+        A claim left by a dead process on this host is taken over atomically
+        (rename), so a killed extraction resumes its shards.
+        """
+        self._require_writable()
+        if self.done_marker(i) is not None:
+            return False
+        path = Path(self._marker(i, "claim"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text() or "{}")
+                except (FileNotFoundError, json.JSONDecodeError):
+                    holder = {}
+                if holder.get("host") == me["host"] and holder.get("pid") and not _pid_alive(int(holder["pid"])):
+                    try:  # only one of several contenders wins this rename
+                        path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if not holder:  # claim file being written right now
+                    time.sleep(0.05)
+                    continue
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            if self.done_marker(i) is not None:  # finished by another writer meanwhile
+                self.release(i)
+                return False
+            return True
+        return False
+
+    def release(self, i: int) -> None:
+        try:
+            Path(self._marker(i, "claim")).unlink()
+        except FileNotFoundError:
+            pass
+
+    def claim_holder(self, i: int) -> dict | None:
+        try:
+            return json.loads(Path(self._marker(i, "claim")).read_text() or "{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_shard(
+        self,
+        i: int,
+        features: Mapping[str, np.ndarray],
+        status: np.ndarray,
+        valid_len: np.ndarray,
+        failures: Iterable[ShardFailure] = (),
+    ) -> dict:
+        """Write all rows of shard ``i`` (one aligned assignment per array), then its done-marker."""
+        self._require_writable()
+        rows = self.shard_rows(i)
+        n = rows.stop - rows.start
+        digests = {}
+        for name, shape in self.streams.items():
+            if name not in features:
+                raise StoreError(f"{self.path}: shard {i} lacks stream {name!r}")
+            data = np.asarray(features[name], dtype=self.group[name].dtype)
+            if data.shape != (n, *shape):
+                raise StoreError(f"{self.path}: shard {i} stream {name!r} has shape {data.shape}, expected {(n, *shape)}")
+            self.group[name][rows] = data
+            digests[name] = _array_digest(data)
+        status = np.asarray(status, dtype=np.uint8)
+        valid_len = np.asarray(valid_len, dtype=np.float32)
+        if status.shape != (n,) or valid_len.shape != (n,):
+            raise StoreError(f"{self.path}: shard {i} status/valid_len must have {n} rows")
+        self.group["status"][rows] = status
+        self.group["valid_len"][rows] = valid_len
+        digests["status"] = _array_digest(status)
+        digests["valid_len"] = _array_digest(valid_len)
+        marker = {
+            "shard": i,
+            "rows": [rows.start, rows.stop],
+            "ok": int((status == STATUS_OK).sum()),
+            "failed": [{"sample_id": f.sample_id, "code": f.code, "reason": f.reason} for f in failures],
+            "sha256": digests,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        target = Path(self._marker(i, "done.json"))
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(marker, sort_keys=True))
+        tmp.replace(target)
+        self.release(i)
+        return marker
+
+    def finalize(self) -> bool:
+        """Mark the store complete when every shard is done; returns whether it is."""
+        self._require_writable()
+        if self.status == "complete":
+            return True
+        if self.pending_shards():
+            return False
+        status = self.read("status")
+        counts = {STATUS_NAMES.get(int(c), str(int(c))): int((status == c).sum()) for c in np.unique(status)}
+        attrs = dict(self.group.attrs)
+        attrs.update(status="complete", counts=counts, completed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.group.attrs.update(attrs)
+        return True
+
+    def failures(self) -> list[dict]:
+        """Every failed row with its reason, from the done-markers."""
+        out = []
+        for i in sorted(self.done_shards()):
+            out.extend(self.done_marker(i).get("failed", []))
+        return out
+
+    def size_bytes(self) -> int:
+        try:
+            return int(self._fs.du(self._root, total=True))
+        except Exception:  # noqa: BLE001 - a listing error must not break `ls`
+            return -1
+
+
+def create_store(
+    path: str | os.PathLike,
+    *,
+    key_material: Mapping,
+    manifest: Manifest,
+    streams: Mapping[str, tuple[int, ...]],
+    dtype: str = "float16",
+    rows_per_shard: int | None = None,
+) -> FeatureStore:
+    """Create a building store at ``path``, or reopen it to resume when its key matches.
+
+    Creation is atomic: the group is built in a temporary sibling directory and
+    renamed into place, so two extractors starting at once end up sharing one store.
+    """
+    path = str(path)
+    if _is_url(path) and not path.startswith("file://"):
+        raise StoreError(f"{path}: extraction writes to a local directory; copy the store afterwards")
+    path = path.removeprefix("file://")
+    key = compute_key(key_material)
+    if os.path.exists(path):
+        return _reopen_for_writing(path, key)
+    n = len(manifest)
+    if n == 0:
+        raise StoreError(f"{path}: the manifest has no rows")
+    row_bytes = sum(int(np.prod(s)) for s in streams.values()) * np.dtype(dtype).itemsize
+    per_shard, per_chunk = plan_rows(row_bytes, n)
+    if rows_per_shard:
+        per_shard, per_chunk = rows_per_shard, min(per_chunk, rows_per_shard)
+        while per_shard % per_chunk:
+            per_chunk -= 1
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    group = zarr.open_group(tmp, mode="w")
+    compressors = [zc.ZstdCodec(level=3), zc.Crc32cCodec()]
+    for name, shape in streams.items():
+        shape = tuple(int(x) for x in shape)
+        group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(per_chunk, *shape),
+                           shards=(per_shard, *shape), compressors=compressors, fill_value=0)
+    for name, dt in (("status", "uint8"), ("valid_len", "float32")):
+        group.create_array(name, shape=(n,), dtype=dt, chunks=(per_shard,), shards=(per_shard,),
+                           compressors=compressors, fill_value=0)
+    labels = [r["label"] for r in manifest]
+    first = np.array([lab[0] if isinstance(lab, list) else lab for lab in labels], dtype=np.int32)
+    group.create_array("labels", shape=(n,), dtype="int32", chunks=(n,), compressors=compressors)[:] = first
+    if any(isinstance(lab, list) for lab in labels):
+        width = max(len(lab) if isinstance(lab, list) else 1 for lab in labels)
+        multi = np.full((n, width), -1, dtype=np.int32)
+        for j, lab in enumerate(labels):
+            lab = lab if isinstance(lab, list) else [lab]
+            multi[j, : len(lab)] = lab
+        group.create_array("labels_multi", shape=multi.shape, dtype="int32", chunks=multi.shape,
+                           compressors=compressors)[:] = multi
+    ids = group.create_array("sample_id", shape=(n,), dtype=str, chunks=(n,))
+    ids[:] = np.array(manifest.sample_ids, dtype=object)
+    group.attrs.update(
+        {
+            "schema": SCHEMA_VERSION,
+            "key": key,
+            "key_material": dict(key_material),
+            "status": "building",
+            "dataset": manifest.dataset,
+            "classes": manifest.classes(),
+            "n_rows": n,
+            "rows_per_shard": per_shard,
+            "rows_per_chunk": per_chunk,
+            "streams": {k: list(v) for k, v in streams.items()},
+            "dtype": dtype,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+        }
+    )
+    os.makedirs(os.path.join(tmp, SHARDS_DIR), exist_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another writer created it first: use theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _reopen_for_writing(path, key)
+
+
+def _reopen_for_writing(path: str, key: str) -> FeatureStore:
+    try:
+        group = zarr.open_group(path, mode="r+")
+        have = group.attrs.get("key")
+    except Exception as e:  # noqa: BLE001 - any unreadable group is reported the same way
+        raise StoreError(f"{path}: exists but is not a readable feature store ({e})") from None
+    if have != key:
+        raise StoreError(
+            f"{path}: store key {str(have)[:12]}… differs from the requested key {key[:12]}…; "
+            "remove the directory or choose another cache root"
+        )
+    return FeatureStore(path, group, writable=True)
+
+
+def open_store(
+    path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    allow_incomplete: bool = False,
+    storage_options: dict | None = None,
+) -> FeatureStore:
+    """Open a store read-only by path or fsspec URL (``file://``, ``memory://``, ``s3://`` …).
+
+    Refuses a store whose key differs from ``key`` (a prefix is accepted) and a
+    store that is not complete unless ``allow_incomplete``.
+    """
+    path = str(path)
+    try:
+        group = zarr.open_group(path, mode="r", storage_options=storage_options) if _is_url(path) \
+            else zarr.open_group(path, mode="r")
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no feature store here") from None
+    except Exception as e:  # noqa: BLE001
+        raise StoreError(f"{path}: not a readable feature store ({type(e).__name__}: {e})") from None
+    store = FeatureStore(path, group, writable=False)
+    if "key" not in store.attrs:
+        raise StoreError(f"{path}: a Zarr group without avcl key attributes, not a feature store")
+    if key is not None and not store.key.startswith(key):
+        raise StoreError(f"{path}: store key {store.key[:12]}… differs from the requested key {key[:12]}…")
+    if store.status != "complete" and not allow_incomplete:
+        done = len(store.done_shards())
+        raise StoreError(
+            f"{path}: store is {store.status} ({done}/{store.n_shards} shards done); "
+            "finish it with avcl-extract (same arguments) or pass allow_incomplete"
+        )
+    return store
+
+
+def find_stores(root: str | os.PathLike) -> list[str]:
+    """Paths of every ``*.zarr`` store below ``root`` (local or fsspec URL)."""
+    fs, base = _fs(str(root))
+    out = []
+    try:
+        found = fs.glob(f"{base.rstrip('/')}/**/*.zarr")
+    except FileNotFoundError:
+        return []
+    for p in sorted(found):
+        if ".tmp-" in p:
+            continue
+        if fs.exists(f"{p}/zarr.json"):
+            out.append(p if not _is_url(str(root)) else f"{str(root).split('://')[0]}://{p}")
+    return out
+
+
+def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
+    """Re-read every shard of every array; return ``(shard, reason)`` for each corrupt one.
+
+    Checks that each chunk decodes (crc32c), that shapes match the attributes
+    and that the bytes hash to the sha256 in the shard's done-marker.
+    """
+    bad: list[tuple[int, str]] = []
+    names = list(store.streams) + ["status", "valid_len"]
+    for i in range(store.n_shards):
+        rows = store.shard_rows(i)
+        marker = store.done_marker(i)
+        if marker is None:
+            bad.append((i, "no done-marker (shard never finished)"))
+            continue
+        for name in names:
+            try:
+                data = store.group[name][rows]
+            except Exception as e:  # noqa: BLE001 - any decode failure is corruption
+                bad.append((i, f"{name}: chunk does not decode ({type(e).__name__}: {e})"))
+                continue
+            want_shape = (rows.stop - rows.start, *store.streams.get(name, ()))
+            if data.shape != want_shape:
+                bad.append((i, f"{name}: shape {data.shape} != {want_shape}"))
+            elif marker.get("sha256", {}).get(name) not in (None, _array_digest(data)):
+                bad.append((i, f"{name}: sha256 differs from the done-marker"))
+    for name in ("labels", "sample_id") + (("labels_multi",) if "labels_multi" in store.group else ()):
+        try:
+            store.group[name][...]
+        except Exception as e:  # noqa: BLE001
+            bad.append((-1, f"{name}: does not decode ({type(e).__name__}: {e})"))
+    return bad
