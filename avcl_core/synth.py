@@ -1,0 +1,606 @@
+"""synth — the embedded audio-visual dataset: real mp4 clips rendered from a seed.
+
+Every class ``i`` pairs a *visual identity* with an *audio identity*::
+
+    visual_id(i) = i // 2          classes (0,1), (2,3), (4,5), ... look alike
+    audio_id(i)  = (i + 1) // 2    classes (1,2), (3,4), (5,6), ... sound alike
+
+so no single modality tells every class apart while the pair (visual_id,
+audio_id) is unique per class: with 12 classes a perfect visual-only model
+reaches 6/12 and a perfect audio-only model 7/12 (classes 0 and 11 have their
+own sound), an audio-visual model 12/12. A class-incremental stream over these
+classes (class order = class index) puts look-alikes and sound-alikes both
+inside and across tasks, so a model that only fine-tunes forgets visibly.
+
+A visual identity ``v`` is a colour (``v mod 6``), shape (``v mod 7``),
+texture (``v mod 4``) and motion (``v mod 5``); an audio identity ``a`` is a
+pitch (``a mod 9``, minor thirds from A3 = 220 Hz), timbre (``a mod 4``) and
+rhythm (``a mod 5``). Identities are distinct for ``a, v < 180``, hence
+``classes <= MAX_CLASSES``. Class names depend on the class index only, e.g.
+``c00-red-circle-a3`` (index, colour, shape, pitch).
+
+Each clip shows the class's object (the *sounding object*) and, in most clips,
+a non-sounding distractor object: either grey, or another class's visual
+identity that no class sharing this clip's look or sound has (identities
+``visual_id(i) - 1 .. visual_id(i) + 1`` are excluded, so the distractor never
+makes a clip ambiguous and never hints which of two look-alike classes it is).
+The background is a noisy low-saturation gradient; the sound is the class's
+note pattern (pitch jittered by up to 1 %, random rhythm phase) plus pink-ish
+noise at 8-20 dB SNR and, in half the clips, a faint frequency sweep.
+
+Files under the output root ``out``:
+
+``videos/<class_name>/<sample_id>.mp4``
+    H.264 (yuv420p, ``size`` x ``size``, ``fps``) + AAC mono at ``audio_rate``,
+    ``seconds`` long (``round(seconds * fps)`` frames).
+``masks/<sample_id>.npz``
+    array ``masks``: uint8 (T, size, size), 1 on the visible pixels of the
+    sounding object in video frame ``t`` (frame ``t`` shows time ``t / fps``),
+    0 elsewhere (background and distractor).
+``manifest.jsonl``
+    :class:`~avcl_core.manifest.Manifest` rows (dataset ``synth``; ``video`` and
+    ``masks`` relative to ``out``), ordered by class then clip; per class the
+    first 60 % of clips are ``train``, the next 20 % ``val``, the rest ``test``.
+``protocols/synth-<T>x<K>.json``
+    class-incremental protocols over the rendered classes (see :func:`protocols`).
+``synth.json``
+    the render parameters and each class's identities.
+
+Rendering is deterministic: clip ``j`` of class ``i`` draws from
+``numpy.random.default_rng([seed, i, j])``; H.264 is encoded single-threaded with
+fixed options and files carry no timestamps, so the same seed gives the same
+manifest bytes and the same decoded frames.
+"""
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import math
+import os
+import shutil
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from avcl_core.manifest import Manifest
+
+DATASET = "synth"
+
+COLOURS = (  # name, hue in turns
+    ("red", 0.0), ("yellow", 1 / 6), ("green", 2 / 6), ("cyan", 3 / 6), ("blue", 4 / 6), ("magenta", 5 / 6),
+)
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond")
+TEXTURES = ("solid", "stripes", "checker", "dots")
+MOTIONS = ("sway", "bob", "orbit", "zigzag", "spin")
+NOTES = ("a3", "c4", "ds4", "fs4", "a4", "c5", "ds5", "fs5", "a5")  # minor thirds from 220 Hz
+TIMBRES = ("sine", "reed", "brass", "bell")
+RHYTHMS = ("steady", "beat2", "beat4", "longshort", "triplet")
+
+#: Audio identities repeat after lcm(9, 4, 5) = 180, visual ones after 420.
+MAX_CLASSES = 2 * 180 - 1
+#: Exemplar memory of the shipped protocols, per class.
+MEMORY_PER_CLASS = 3
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+# -- class identities -------------------------------------------------------------
+def visual_id(i: int) -> int:
+    """Visual identity of class ``i``: ``i // 2`` (classes 2k and 2k+1 look alike)."""
+    return i // 2
+
+
+def audio_id(i: int) -> int:
+    """Audio identity of class ``i``: ``(i + 1) // 2`` (classes 2k-1 and 2k sound alike)."""
+    return (i + 1) // 2
+
+
+def visual_identity(v: int) -> dict:
+    """Colour, shape, texture and motion of visual identity ``v``."""
+    return {
+        "colour": COLOURS[v % len(COLOURS)][0],
+        "shape": SHAPES[v % len(SHAPES)],
+        "texture": TEXTURES[v % len(TEXTURES)],
+        "motion": MOTIONS[v % len(MOTIONS)],
+    }
+
+
+def audio_identity(a: int) -> dict:
+    """Pitch (note name and Hz), timbre and rhythm of audio identity ``a``."""
+    k = a % len(NOTES)
+    return {
+        "note": NOTES[k],
+        "pitch_hz": round(220.0 * 2 ** (3 * k / 12), 3),
+        "timbre": TIMBRES[a % len(TIMBRES)],
+        "rhythm": RHYTHMS[a % len(RHYTHMS)],
+    }
+
+
+def class_name(i: int) -> str:
+    """Name of class ``i``, e.g. ``c00-red-circle-a3``; depends on ``i`` only."""
+    if i < 0:
+        raise ValueError(f"class index must be >= 0, got {i}")
+    vis, aud = visual_identity(visual_id(i)), audio_identity(audio_id(i))
+    return f"c{i:02d}-{vis['colour']}-{vis['shape']}-{aud['note']}"
+
+
+def class_names(classes: int) -> list[str]:
+    """Names of classes ``0 .. classes-1``."""
+    _check_classes(classes)
+    return [class_name(i) for i in range(classes)]
+
+
+def class_table(classes: int) -> list[dict]:
+    """Per class: index, name, visual id and identity, audio id and identity."""
+    _check_classes(classes)
+    return [
+        {
+            "label": i,
+            "class_name": class_name(i),
+            "visual_id": visual_id(i),
+            "audio_id": audio_id(i),
+            "visual": visual_identity(visual_id(i)),
+            "audio": audio_identity(audio_id(i)),
+        }
+        for i in range(classes)
+    ]
+
+
+def _check_classes(classes: int) -> None:
+    if not isinstance(classes, (int, np.integer)) or not 1 <= classes <= MAX_CLASSES:
+        raise ValueError(f"synth: classes must be an integer in 1..{MAX_CLASSES}, got {classes!r}")
+
+
+# -- protocols ----------------------------------------------------------------------
+def protocol_shapes(classes: int) -> list[tuple[int, int]]:
+    """(tasks, classes per task) pairs with both >= 2 that divide ``classes`` evenly;
+    ``[(1, classes)]`` when there is none (e.g. a prime class count)."""
+    _check_classes(classes)
+    shapes = [(t, classes // t) for t in range(2, classes // 2 + 1) if classes % t == 0]
+    return shapes or [(1, classes)]
+
+
+def protocols(classes: int) -> list[dict]:
+    """Class-incremental protocols ``synth-<T>x<K>`` over ``classes`` synth classes.
+
+    Class order is the class index; task ``t`` holds positions ``t*K .. t*K+K-1``
+    of ``classes``; memory is :data:`MEMORY_PER_CLASS` exemplars per class.
+    No ``splits`` key: every manifest row is used with its own split.
+    """
+    names = class_names(classes)
+    out = []
+    for t, k in protocol_shapes(classes):
+        out.append({
+            "name": f"synth-{t}x{k}",
+            "dataset": DATASET,
+            "classes": names,
+            "tasks": [list(range(j * k, (j + 1) * k)) for j in range(t)],
+            "setting": "CIL",
+            "memory": MEMORY_PER_CLASS * classes,
+            "kind": "classification",
+            "provenance": (
+                f"avcl_core.synth with {classes} classes: class i has visual identity i//2 and "
+                f"audio identity (i+1)//2; class order = class index; {t} tasks of {k} classes; "
+                f"memory {MEMORY_PER_CLASS} exemplars per class"
+            ),
+            "derived": False,
+        })
+    return out
+
+
+def protocol_json(protocol: dict) -> str:
+    """The file text of one protocol (2-space indented JSON, trailing newline)."""
+    return json.dumps(protocol, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_protocols(directory: str | Path, classes: int) -> list[Path]:
+    """Write every protocol of :func:`protocols` as ``<directory>/<name>.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for p in protocols(classes):
+        path = directory / f"{p['name']}.json"
+        path.write_text(protocol_json(p), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+# -- splits -------------------------------------------------------------------------
+def split_of(j: int, clips_per_class: int) -> str:
+    """Split of clip ``j`` of a class: first 60 % train, next 20 % val, rest test
+    (val and test get ``round(0.2 * clips_per_class)`` clips each)."""
+    n_val = n_test = round(SPLIT_FRACTIONS[1] * clips_per_class)
+    n_train = clips_per_class - n_val - n_test
+    return "train" if j < n_train else ("val" if j < n_train + n_val else "test")
+
+
+def sample_id(i: int, j: int) -> str:
+    """Sample id of clip ``j`` of class ``i``: ``c<ii>-<jjjj>``."""
+    return f"c{i:02d}-{j:04d}"
+
+
+# -- rendering: pictures ----------------------------------------------------------
+@dataclass(frozen=True)
+class _Object:
+    colour: tuple[float, float, float]  # RGB in [0, 1]
+    shape: str
+    texture: str
+    motion: str
+    centre: tuple[float, float]  # trajectory centre, image fraction (x, y)
+    amplitude: float  # trajectory amplitude, image fraction
+    radius: float  # image fraction
+    phase: float  # radians
+    angle: float  # base orientation, radians
+    period: float  # seconds per motion cycle
+
+
+def _shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Scaled distance: < 1 inside the shape, for object-frame coordinates in radii."""
+    rho = np.hypot(u, v)
+    if shape == "circle":
+        return rho
+    if shape in ("square", "diamond", "triangle"):
+        n, off = {"square": (4, math.pi / 4), "diamond": (4, 0.0), "triangle": (3, -math.pi / 2)}[shape]
+        phis = off + 2 * math.pi * np.arange(n) / n + math.pi / n
+        d = np.max([u * math.cos(p) + v * math.sin(p) for p in phis], axis=0)
+        return d / math.cos(math.pi / n) * (0.85 if shape != "triangle" else 0.7)
+    if shape == "star":
+        phi = np.arctan2(v, u) + math.pi / 2
+        return rho / (0.62 + 0.38 * np.cos(5 * phi))
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return np.minimum(np.maximum(au, av / 0.36), np.maximum(au / 0.36, av))
+    if shape == "ring":
+        return np.abs(rho - 0.68) / 0.32
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _texture(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Brightness factor in [0.5, 1] of the texture at object-frame coordinates."""
+    if texture == "solid":
+        p = np.ones_like(u)
+    elif texture == "stripes":
+        p = (np.floor(u * 3.0 + 8.0) % 2).astype(u.dtype)
+    elif texture == "checker":
+        p = ((np.floor(u * 2.5 + 8.0) + np.floor(v * 2.5 + 8.0)) % 2).astype(u.dtype)
+    elif texture == "dots":
+        fu, fv = (u * 2.5 + 8.0) % 1.0 - 0.5, (v * 2.5 + 8.0) % 1.0 - 0.5
+        p = (fu * fu + fv * fv > 0.07).astype(u.dtype)
+    else:
+        raise ValueError(f"unknown texture {texture!r}")
+    return 0.5 + 0.5 * p
+
+
+def _pose(obj: _Object, t: float) -> tuple[float, float, float]:
+    """Centre (x, y) in image fractions and rotation (radians) at time ``t`` seconds."""
+    w = 2 * math.pi * t / obj.period + obj.phase
+    cx, cy = obj.centre
+    a = obj.amplitude
+    angle = obj.angle
+    if obj.motion == "sway":
+        cx += a * math.sin(w)
+    elif obj.motion == "bob":
+        cy += a * math.sin(w)
+    elif obj.motion == "orbit":
+        cx, cy = cx + a * math.cos(w), cy + a * math.sin(w)
+    elif obj.motion == "zigzag":
+        tri = 2 / math.pi * math.asin(math.sin(w))  # triangle wave in [-1, 1]
+        cx, cy = cx + a * tri, cy - a * tri
+    elif obj.motion == "spin":
+        cx += 0.3 * a * math.sin(w)
+        angle += w
+    return cx, cy, angle
+
+
+def _draw(obj: _Object, t: float, xx: np.ndarray, yy: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage alpha (H, W) in [0, 1] and RGB (H, W, 3) of ``obj`` at time ``t``."""
+    cx, cy, ang = _pose(obj, t)
+    dx, dy = (xx - cx) / obj.radius, (yy - cy) / obj.radius
+    c, s = math.cos(ang), math.sin(ang)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    d = _shape_distance(obj.shape, u, v)
+    # One pixel of anti-aliasing: (1 - d) * radius_px is ~ the signed distance in pixels.
+    alpha = np.clip(0.5 + (1.0 - d) * obj.radius * size, 0.0, 1.0)
+    rgb = _texture(obj.texture, u, v)[..., None] * np.asarray(obj.colour)
+    return alpha, rgb
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
+    return colorsys.hsv_to_rgb(h % 1.0, s, v)
+
+
+def _make_object(rng: np.random.Generator, vis: dict | None, centre: tuple[float, float]) -> _Object:
+    if vis is None:  # neutral distractor: grey, random shape/texture/motion
+        colour = _hsv(0.0, 0.0, float(rng.uniform(0.7, 0.95)))
+        vis = {
+            "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+            "texture": TEXTURES[int(rng.integers(len(TEXTURES)))],
+            "motion": MOTIONS[int(rng.integers(len(MOTIONS)))],
+        }
+    else:
+        hue = dict(COLOURS)[vis["colour"]] + rng.uniform(-0.012, 0.012)
+        colour = _hsv(hue, float(rng.uniform(0.8, 1.0)), float(rng.uniform(0.85, 1.0)))
+    return _Object(
+        colour=tuple(float(x) for x in colour),
+        shape=vis["shape"],
+        texture=vis["texture"],
+        motion=vis["motion"],
+        centre=centre,
+        # centre +- (0.03 jitter + amplitude + radius) stays inside the frame
+        amplitude=float(rng.uniform(0.06, 0.10)),
+        radius=float(rng.uniform(0.13, 0.17)),
+        phase=float(rng.uniform(0, 2 * math.pi)),
+        angle=float(rng.uniform(-0.15, 0.15)),
+        period=float(rng.uniform(1.6, 2.4)),
+    )
+
+
+def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_frames: int, fps: float):
+    """uint8 frames (T, S, S, 3) and uint8 masks (T, S, S) of clip with class ``i``."""
+    v = visual_id(i)
+    # Trajectory centres on opposite sides so the two objects rarely overlap.
+    side = rng.permutation([0.32, 0.68])
+    jitter = rng.uniform(-0.03, 0.03, size=4)
+    c_obj = (float(side[0] + jitter[0]), float(0.5 + 0.15 * (1 if side[0] < 0.5 else -1) + jitter[1]))
+    c_dis = (float(side[1] + jitter[2]), float(0.5 + 0.15 * (1 if side[1] < 0.5 else -1) + jitter[3]))
+    obj = _make_object(rng, visual_identity(v), c_obj)
+
+    pool = [w for w in range(visual_id(classes - 1) + 1) if abs(w - v) > 1]
+    u = rng.random()
+    distractor = None
+    if u < 0.85:  # 15 % of clips have no distractor
+        if pool and u < 0.6:
+            dis_vis = visual_identity(pool[int(rng.integers(len(pool)))])
+        else:
+            dis_vis = None
+        distractor = _make_object(rng, dis_vis, c_dis)
+    on_top = rng.random() < 0.5  # which object is drawn last
+
+    # Background: low-saturation tinted vertical gradient, fresh pixel noise per frame.
+    base = rng.uniform(0.12, 0.35)
+    tint = np.asarray(_hsv(rng.random(), rng.uniform(0.0, 0.25), 1.0))
+    grad = rng.uniform(-0.12, 0.12)
+    ax = (np.arange(size, dtype=np.float32) + 0.5) / size
+    xx, yy = np.meshgrid(ax, ax)
+    bg = (base + grad * (yy - 0.5))[..., None] * tint
+
+    frames = np.empty((n_frames, size, size, 3), np.uint8)
+    masks = np.empty((n_frames, size, size), np.uint8)
+    for t in range(n_frames):
+        ts = t / fps
+        img = bg.copy()
+        a_obj, rgb_obj = _draw(obj, ts, xx, yy, size)
+        layers = [(a_obj, rgb_obj, True)]
+        if distractor is not None:
+            a_dis, rgb_dis = _draw(distractor, ts, xx, yy, size)
+            layers.insert(0 if on_top else 1, (a_dis, rgb_dis, False))
+        visible = np.zeros((size, size), bool)
+        for alpha, rgb, sounding in layers:
+            img = img * (1 - alpha[..., None]) + rgb * alpha[..., None]
+            inside = alpha >= 0.5
+            visible = inside if sounding else (visible & ~inside)
+        img += rng.normal(0.0, 0.025, size=img.shape)
+        frames[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        masks[t] = visible
+    return frames, masks
+
+
+# -- rendering: sounds ------------------------------------------------------------
+_RHYTHM_EVENTS = {  # (onset, duration) in seconds within a 1-second cycle
+    "steady": ((0.0, 1.0),),
+    "beat2": ((0.0, 0.25), (0.5, 0.25)),
+    "beat4": ((0.0, 0.12), (0.25, 0.12), (0.5, 0.12), (0.75, 0.12)),
+    "longshort": ((0.0, 0.45), (0.6, 0.15)),
+    "triplet": ((0.0, 0.1), (0.167, 0.1), (0.333, 0.1)),
+}
+_PARTIALS = {  # (frequency ratio, amplitude)
+    "sine": ((1.0, 1.0), (2.0, 0.12)),
+    "reed": tuple((k, 1.0 / k) for k in (1, 3, 5, 7, 9, 11)),
+    "brass": tuple((k, 1.0 / k) for k in range(1, 11)),
+    "bell": ((1.0, 1.0), (2.76, 0.6), (5.40, 0.4), (8.93, 0.25)),
+}
+
+
+def _envelope(rhythm: str, timbre: str, t: np.ndarray, offset: float) -> np.ndarray:
+    """Amplitude envelope (L,) of the rhythm pattern shifted by ``offset`` seconds."""
+    env = np.zeros_like(t)
+    cycles = range(-1, int(math.ceil(t[-1] if len(t) else 0)) + 1)
+    for k in cycles:
+        for on, dur in _RHYTHM_EVENTS[rhythm]:
+            start = k + on + offset
+            if rhythm == "steady":
+                start, dur = -1.0, t[-1] + 2.0 if len(t) else 0.0
+            rel = t - start
+            inside = (rel >= 0) & (rel < dur + 0.03)
+            if not inside.any():
+                continue
+            r = rel[inside]
+            e = np.minimum(1.0, r / 0.005)  # 5 ms attack
+            e *= np.where(r > dur, np.exp(-(r - dur) / 0.008), 1.0)  # short release
+            if timbre == "bell":
+                e *= np.exp(-r / 0.25)
+            env[inside] = np.maximum(env[inside], e)
+        if rhythm == "steady":
+            break
+    return env
+
+
+def _render_audio(rng: np.random.Generator, i: int, rate: int, n: int) -> np.ndarray:
+    """float32 mono waveform (n,) of clip with class ``i``, peak < 1."""
+    aud = audio_identity(audio_id(i))
+    t = np.arange(n, dtype=np.float64) / rate
+    f0 = aud["pitch_hz"] * (1.0 + rng.uniform(-0.01, 0.01))
+    tone = np.zeros(n)
+    for ratio, amp in _PARTIALS[aud["timbre"]]:
+        f = f0 * ratio
+        if f < 0.45 * rate:
+            tone += amp * np.sin(2 * math.pi * f * t + rng.uniform(0, 2 * math.pi))
+    env = _envelope(aud["rhythm"], aud["timbre"], t, float(rng.uniform(0.0, 1.0)))
+    if aud["rhythm"] == "steady":  # a slow tremolo keeps a steady note alive
+        env = env * (1.0 - 0.25 * (0.5 + 0.5 * np.sin(2 * math.pi * 5.0 * t + rng.uniform(0, 6.3))))
+    sig = tone * env
+    sig /= np.sqrt(np.mean(sig**2)) + 1e-9
+
+    # Noise: white noise through a one-pole low-pass, mixed with the white (pink-ish).
+    white = rng.normal(size=n)
+    low = _one_pole(white, 0.95)
+    noise = 0.5 * white / (white.std() + 1e-9) + low / (low.std() + 1e-9)
+    noise /= np.sqrt(np.mean(noise**2)) + 1e-9
+    snr_db = rng.uniform(8.0, 20.0)
+    out = sig + noise * 10 ** (-snr_db / 20)
+    if rng.random() < 0.5:  # faint distractor: a linear sweep between two random frequencies
+        f_a, f_b = rng.uniform(150, 3000, size=2)
+        ph = 2 * math.pi * (f_a * t + (f_b - f_a) * t**2 / (2 * max(t[-1], 1e-3)))
+        out += 0.18 * np.sin(ph) * np.sqrt(2)
+    out *= rng.uniform(0.3, 0.6) / (np.max(np.abs(out)) + 1e-9)
+    return out.astype(np.float32)
+
+
+def _one_pole(x: np.ndarray, alpha: float) -> np.ndarray:
+    """y[n] = alpha * y[n-1] + (1 - alpha) * x[n] (scipy's lfilter does it in C)."""
+    from scipy.signal import lfilter
+
+    return lfilter([1.0 - alpha], [1.0, -alpha], x)
+
+
+# -- files --------------------------------------------------------------------------
+def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, rate: int) -> None:
+    """H.264 + AAC mp4, deterministic: one x264 thread, fixed options, bitexact muxing."""
+    import av
+
+    tmp = path.with_name(path.name + ".tmp")
+    fps_q = Fraction(fps).limit_denominator(1001)
+    with av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as out:
+        vs = out.add_stream("libx264", rate=fps_q)
+        vs.width = vs.height = frames.shape[1]
+        vs.pix_fmt = "yuv420p"
+        vs.thread_count = 1
+        vs.options = {"preset": "fast", "crf": "16", "threads": "1", "x264-params": "threads=1:lookahead-threads=1"}
+        as_ = out.add_stream("aac", rate=rate)
+        as_.layout = "mono"
+        as_.bit_rate = 64000
+        for t, img in enumerate(frames):
+            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
+            fr.pts = t
+            out.mux(vs.encode(fr))
+        out.mux(vs.encode())
+        step = 1024
+        for k in range(0, len(audio), step):
+            chunk = audio[k:k + step][None, :]
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="flt", layout="mono")
+            af.sample_rate = rate
+            af.pts = k
+            out.mux(as_.encode(af))
+        out.mux(as_.encode())
+    tmp.replace(path)
+
+
+def _write_masks(path: Path, masks: np.ndarray) -> None:
+    """``np.load``-able npz holding ``masks``, with a fixed zip timestamp (stable bytes)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, masks, allow_pickle=False)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        info = zipfile.ZipInfo("masks.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        z.writestr(info, buf.getvalue())
+    tmp.replace(path)
+
+
+def _render_clip(job: tuple) -> dict:
+    out, i, j, classes, clips_per_class, seed, size, seconds, fps, rate = job
+    out = Path(out)
+    rng = np.random.default_rng([seed, i, j])
+    n_frames = max(1, round(seconds * fps))
+    frames, masks = _render_frames(rng, i, classes, size, n_frames, fps)
+    audio = _render_audio(rng, i, rate, round(seconds * rate))
+    sid, name = sample_id(i, j), class_name(i)
+    video = Path("videos") / name / f"{sid}.mp4"
+    mask = Path("masks") / f"{sid}.npz"
+    _write_mp4(out / video, frames, audio, fps, rate)
+    _write_masks(out / mask, masks)
+    return {
+        "sample_id": sid,
+        "dataset": DATASET,
+        "split": split_of(j, clips_per_class),
+        "label": i,
+        "class_name": name,
+        "video": video.as_posix(),
+        "masks": mask.as_posix(),
+    }
+
+
+def default_workers() -> int:
+    """CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def render(
+    out_dir: str | Path,
+    classes: int = 12,
+    clips_per_class: int = 20,
+    seed: int = 0,
+    workers: int | None = None,
+    size: int = 96,
+    seconds: float = 2.0,
+    fps: float = 8,
+    audio_rate: int = 16000,
+) -> Path:
+    """Render the synth dataset into ``out_dir``; returns the manifest path.
+
+    ``classes`` classes x ``clips_per_class`` clips of ``seconds`` s, ``size`` x ``size``
+    pixels at ``fps`` frames/s, audio at ``audio_rate`` Hz; ``workers`` processes
+    (``None`` = the CPUs available, 1 = in this process). Existing files of the same
+    names are overwritten. See the module docstring for the files written.
+    """
+    _check_classes(classes)
+    if clips_per_class < 1:
+        raise ValueError(f"synth: clips_per_class must be >= 1, got {clips_per_class}")
+    if size < 16 or size % 2:
+        raise ValueError(f"synth: size must be an even number of pixels >= 16, got {size}")
+    if seconds <= 0 or fps <= 0 or audio_rate < 8000:
+        raise ValueError(
+            f"synth: need seconds > 0, fps > 0, audio_rate >= 8000; got {seconds}, {fps}, {audio_rate}"
+        )
+    out = Path(out_dir)
+    for i in range(classes):
+        (out / "videos" / class_name(i)).mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (str(out), i, j, classes, clips_per_class, int(seed), int(size), float(seconds), float(fps), int(audio_rate))
+        for i in range(classes)
+        for j in range(clips_per_class)
+    ]
+    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, len(jobs))
+    if workers == 1:
+        rows = [_render_clip(job) for job in jobs]
+    else:
+        # spawn: the caller may hold threads (torch) that fork would copy in a broken state.
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            rows = list(pool.map(_render_clip, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    manifest_path = Manifest.from_rows(rows, source=str(out / "manifest.jsonl")).save(out / "manifest.jsonl")
+    write_protocols(out / "protocols", classes)
+    info = {
+        "dataset": DATASET,
+        "classes": classes,
+        "clips_per_class": clips_per_class,
+        "seed": int(seed),
+        "size": int(size),
+        "seconds": float(seconds),
+        "fps": float(fps),
+        "audio_rate": int(audio_rate),
+        "frames_per_clip": max(1, round(seconds * fps)),
+        "masks": "masks/<sample_id>.npz, array 'masks' uint8 (frames, size, size)",
+        "class_table": class_table(classes),
+    }
+    (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return manifest_path

@@ -1,0 +1,635 @@
+"""Aggregate run directories into seed-table-style results and plots.
+
+A run directory (written by the trainer) holds:
+
+* ``config.json``: at least ``method``, ``protocol`` (a name, or a dict with
+  ``name``), ``seed``; optionally ``head``, ``hparams`` (dict) and
+  ``classes_per_task`` (int or list; also read from a protocol dict), used to
+  label plot axes with the number of classes seen.
+* ``acc_matrix.csv``: header ``after_task,task_0,...,task_{T-1}``; row ``t``
+  holds ``A[t, i]``, the accuracy (fraction) after task ``t`` on task ``i``'s
+  test samples (empty or ``nan`` for entries not measured).
+* ``metrics.json``: ``step_acc`` (list, one per task) and summary metrics as
+  fractions (``mean_accuracy``, ``average_forgetting``, ...). A metric missing
+  there is computed from the matrix with :mod:`avcl_core.metrics`.
+
+Runs are grouped into table rows by method, head (named when runs use more
+than one head) and any hyper-parameters that differ between runs of the same
+method, head and protocol; columns are protocol x metric. A cell is the mean
+± sample standard deviation (ddof = 1) over seeds, in percent.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from scipy import stats
+
+from avcl_core import metrics as M
+
+__all__ = [
+    "METHOD_DISPLAY_NAMES",
+    "METRICS",
+    "DEFAULT_METRICS",
+    "Cell",
+    "Report",
+    "ReportError",
+    "Run",
+    "Table",
+    "build_table",
+    "discover_runs",
+    "display_name",
+    "load_run",
+    "load_runs",
+    "make_report",
+    "plot_accuracy_curves",
+    "plot_accuracy_matrices",
+    "plot_transfer_vs_forgetting",
+    "table_caption",
+    "table_markdown",
+    "write_table_csv",
+]
+
+
+class ReportError(ValueError):
+    """A run directory or file that cannot be reported; the message names it."""
+
+
+# Method ids (as registered by the trainer) -> names used in the papers' tables.
+# Dict order is the row order of the tables; unknown methods go before "Ours".
+METHOD_DISPLAY_NAMES: dict[str, str] = {
+    "finetune": "Fine-tuning",
+    "fine-tuning": "Fine-tuning",
+    "ft": "Fine-tuning",
+    "lwf": "LwF",
+    "icarl-nme": "iCaRL-NME",
+    "icarl-fc": "iCaRL-FC",
+    "ss-il": "SS-IL",
+    "ssil": "SS-IL",
+    "afc-nme": "AFC-NME",
+    "afc-lsc": "AFC-LSC",
+    "av-cil": "AV-CIL",
+    "avcil": "AV-CIL",
+    "lll": "Ours (LLL)",
+    "joint": "Upper bound (joint)",
+    "upper-bound": "Upper bound (joint)",
+}
+_LAST = ("Ours (LLL)", "Upper bound (joint)")
+
+# metric key -> (column label, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "mean_accuracy": ("Mean Acc.", True),
+    "average_forgetting": ("Avg. Forgetting", False),
+    "last_accuracy": ("Last Acc.", True),
+    "learning_accuracy": ("LA", True),
+    "average_accuracy": ("AA", True),
+    "final_forgetting": ("F", False),
+    "backward_transfer": ("BWT", True),
+    "forward_transfer": ("FWT", True),
+}
+DEFAULT_METRICS = ("mean_accuracy", "average_forgetting")
+
+
+def _method_id(method: str) -> str:
+    return method.strip().lower().replace("_", "-")
+
+
+def display_name(method: str) -> str:
+    """Paper name of a method id (``lll`` -> ``Ours (LLL)``); unknown ids unchanged."""
+    return METHOD_DISPLAY_NAMES.get(_method_id(method), method)
+
+
+# -- loading --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One training run: identity from ``config.json`` and its results."""
+
+    path: Path
+    method: str
+    head: str
+    protocol: str
+    seed: int
+    hparams: dict
+    acc_matrix: np.ndarray  # (T, T) fractions, NaN where not measured
+    step_acc: np.ndarray  # (T,) fractions
+    metrics: dict  # metric key -> fraction (NaN when undefined)
+    classes_per_task: tuple[int, ...] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return self.acc_matrix.shape[0]
+
+
+def discover_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories under ``paths``: each directory holding a ``metrics.json``.
+
+    A path may be a run directory itself or any parent folder (searched
+    recursively). Sorted, without duplicates.
+    """
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"{p}: no such run directory or folder")
+        if (p / "metrics.json").is_file():
+            found.add(p.resolve())
+            continue
+        hits = [m.parent.resolve() for m in p.rglob("metrics.json") if m.is_file()]
+        if not hits:
+            raise ReportError(f"{p}: no run directories found (no metrics.json under it)")
+        found.update(hits)
+    return sorted(found)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ReportError(f"{path}: missing (every run directory needs config.json and metrics.json)")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_matrix(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise ReportError(f"{path}: missing accuracy matrix")
+    with path.open(newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if not rows:
+        raise ReportError(f"{path}: empty file")
+    header, body = rows[0], rows[1:]
+    T = len(header) - 1
+    expected = ["after_task"] + [f"task_{i}" for i in range(T)]
+    if [h.strip() for h in header] != expected or T == 0:
+        raise ReportError(f"{path}: header must be {','.join(expected) if T else 'after_task,task_0,...'}, got {','.join(header)}")
+    if len(body) != T:
+        raise ReportError(f"{path}: {len(body)} rows for {T} task columns; the matrix must be square")
+    A = np.full((T, T), np.nan)
+    for t, row in enumerate(body):
+        if len(row) != T + 1 or row[0].strip() != str(t):
+            raise ReportError(f"{path}: row {t + 1} must be '{t}' followed by {T} values, got {row}")
+        for i, v in enumerate(row[1:]):
+            v = v.strip()
+            try:
+                A[t, i] = float(v) if v else np.nan
+            except ValueError as e:
+                raise ReportError(f"{path}: A[{t}, {i}] = {v!r} is not a number") from e
+    return A
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read one run directory; errors name the file and key at fault."""
+    d = Path(run_dir)
+    cfg = _read_json(d / "config.json")
+    met = _read_json(d / "metrics.json")
+    for key in ("method", "protocol", "seed"):
+        if key not in cfg:
+            raise ReportError(f"{d / 'config.json'}: missing key {key!r}")
+    proto = cfg["protocol"]
+    cpt = cfg.get("classes_per_task")
+    if isinstance(proto, dict):
+        if "name" not in proto:
+            raise ReportError(f"{d / 'config.json'}: protocol object has no 'name'")
+        cpt = proto.get("classes_per_task", cpt)
+        proto = proto["name"]
+    A = _read_matrix(d / "acc_matrix.csv")
+    T = A.shape[0]
+    if "step_acc" not in met:
+        raise ReportError(f"{d / 'metrics.json'}: missing key 'step_acc'")
+    steps = np.asarray(met["step_acc"], dtype=np.float64)
+    if steps.shape != (T,):
+        raise ReportError(
+            f"{d / 'metrics.json'}: 'step_acc' has {steps.size} values but acc_matrix.csv has {T} tasks"
+        )
+    try:
+        computed = M.summarize(A, steps)
+    except ValueError as e:
+        raise ReportError(f"{d}: {e}") from e
+    values = {}
+    for key in METRICS:
+        v = met.get(key)
+        try:
+            values[key] = float(v) if v is not None else computed[key]
+        except (TypeError, ValueError) as e:
+            raise ReportError(f"{d / 'metrics.json'}: {key!r} = {v!r} is not a number") from e
+    if cpt is not None:
+        cpt = (int(cpt),) * T if isinstance(cpt, (int, float)) else tuple(int(c) for c in cpt)
+        if len(cpt) != T:
+            raise ReportError(f"{d / 'config.json'}: classes_per_task lists {len(cpt)} tasks, the matrix {T}")
+    hp = cfg.get("hparams") or {}
+    if not isinstance(hp, dict):
+        raise ReportError(f"{d / 'config.json'}: 'hparams' must be an object")
+    return Run(
+        path=d,
+        method=str(cfg["method"]),
+        head=str(cfg.get("head") or ""),
+        protocol=str(proto),
+        seed=int(cfg["seed"]),
+        hparams=hp,
+        acc_matrix=A,
+        step_acc=steps,
+        metrics=values,
+        classes_per_task=cpt,
+    )
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """:func:`discover_runs` then :func:`load_run` on each."""
+    return [load_run(p) for p in discover_runs(paths)]
+
+
+# -- grouping -------------------------------------------------------------------
+def _canon(v) -> str:
+    return json.dumps(v, sort_keys=True)
+
+
+def _row_labels(runs: Sequence[Run]) -> list[str]:
+    """Table row label of each run (see the module docstring)."""
+    many_heads = len({r.head for r in runs}) > 1
+    # hyper-parameters whose values differ between runs of one (method, head, protocol)
+    varying: dict[tuple[str, str], set[str]] = {}
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((_method_id(r.method), r.head, r.protocol), []).append(r)
+    for (mid, head, _), group in groups.items():
+        keys = set().union(*(g.hparams for g in group))
+        diff = {k for k in keys if len({_canon(g.hparams.get(k)) for g in group}) > 1}
+        varying.setdefault((mid, head), set()).update(diff)
+    labels = []
+    for r in runs:
+        parts = [r.head] if many_heads and r.head else []
+        for k in sorted(varying[(_method_id(r.method), r.head)]):
+            v = r.hparams.get(k)
+            parts.append(f"{k}={v if isinstance(v, (str, int, float)) else _canon(v)}")
+        name = display_name(r.method)
+        labels.append(f"{name} ({', '.join(parts)})" if parts else name)
+    return labels
+
+
+def _is_upper_bound(method: str) -> bool:
+    return display_name(method) == "Upper bound (joint)"
+
+
+def _row_sort_key(label: str, method: str):
+    name = display_name(method)
+    known = list(dict.fromkeys(METHOD_DISPLAY_NAMES.values()))
+    if name in _LAST:
+        rank = len(known) + 1 + _LAST.index(name)
+    elif name in known:
+        rank = known.index(name)
+    else:
+        rank = len(known)
+    return (rank, label)
+
+
+# -- the table ------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One table cell: a metric of one method on one protocol, over seeds (in %)."""
+
+    values: dict[int, float]  # seed -> value in percent
+    mean: float
+    std: float  # sample std (ddof = 1); NaN with one seed
+    is_best: bool = False
+    p_value: float | None = None  # vs the column's best method; None for the best itself
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class Table:
+    """Rows = method labels, columns = (protocol, metric key)."""
+
+    rows: list[str]
+    columns: list[tuple[str, str]]
+    cells: dict[tuple[str, tuple[str, str]], Cell]
+    best: dict[tuple[str, str], str]  # column -> the method the p-values compare against
+    runs_per_row: dict[str, list[Run]] = field(default_factory=dict)
+
+
+def build_table(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -> Table:
+    """Aggregate runs into a :class:`Table`.
+
+    Cell = mean ± sample std (ddof = 1) over seeds, in percent. The best cell
+    of a column has the highest mean (lowest for forgetting metrics); every
+    cell equal to it at two decimals is marked best. ``p_value`` is the
+    two-sided paired t-test (``scipy.stats.ttest_rel``, runs paired by seed,
+    seeds present in both rows) against the column's best row (the first in row
+    order among ties); NaN when fewer than two seeds are shared or the paired
+    differences are constant. The joint-training upper bound is never the best
+    (unless it is the only method); its p-value is against the best method too.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ReportError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    if not runs:
+        raise ReportError("no runs to report")
+    labels = _row_labels(runs)
+    seen: dict[tuple[str, str, int], Path] = {}
+    per_row: dict[str, list[Run]] = {}
+    for lab, r in zip(labels, runs):
+        key = (lab, r.protocol, r.seed)
+        if key in seen:
+            raise ReportError(
+                f"two runs of {lab!r} on {r.protocol!r} with seed {r.seed}: {seen[key]} and {r.path}; "
+                "remove one or report them separately"
+            )
+        seen[key] = r.path
+        per_row.setdefault(lab, []).append(r)
+    rows = sorted(per_row, key=lambda lab: _row_sort_key(lab, per_row[lab][0].method))
+    protocols = sorted({r.protocol for r in runs})
+    columns = [(p, m) for p in protocols for m in metrics]
+    cells: dict = {}
+    best: dict = {}
+    for col in columns:
+        proto, metric = col
+        higher = METRICS[metric][1]
+        for lab in rows:
+            vals = {r.seed: 100.0 * r.metrics[metric] for r in per_row[lab] if r.protocol == proto}
+            vals = {s: v for s, v in sorted(vals.items()) if math.isfinite(v)}
+            if not vals:
+                continue
+            arr = np.array(list(vals.values()))
+            std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+            cells[(lab, col)] = Cell(values=vals, mean=float(arr.mean()), std=std)
+        present = [lab for lab in rows if (lab, col) in cells]
+        if not present:
+            continue
+        # the joint-training upper bound is a reference, not a competitor
+        contenders = [lab for lab in present if not _is_upper_bound(per_row[lab][0].method)] or present
+        means = [cells[(lab, col)].mean for lab in contenders]
+        b = contenders[int(np.argmax(means) if higher else np.argmin(means))]
+        best[col] = b
+        ref = cells[(b, col)]
+        for lab in present:
+            c = cells[(lab, col)]
+            c.is_best = lab in contenders and round(c.mean, 2) == round(ref.mean, 2)
+            if lab == b:
+                continue
+            shared = sorted(set(c.values) & set(ref.values))
+            if len(shared) < 2:
+                c.p_value = float("nan")
+                continue
+            x = np.array([c.values[s] for s in shared])
+            y = np.array([ref.values[s] for s in shared])
+            c.p_value = float(stats.ttest_rel(x, y).pvalue) if np.ptp(x - y) > 0 else float("nan")
+    return Table(rows=rows, columns=columns, cells=cells, best=best, runs_per_row=per_row)
+
+
+def _fmt_cell(c: Cell | None) -> str:
+    if c is None:
+        return "–"
+    text = f"{c.mean:.2f}" if c.n < 2 else f"{c.mean:.2f} ± {c.std:.2f}"
+    if c.is_best:
+        text = f"**{text}**"
+    if c.p_value is not None:
+        p = c.p_value
+        text += " (p n/a)" if not math.isfinite(p) else (" (p<0.001)" if p < 0.001 else f" (p={p:.3f})")
+    return text
+
+
+def _column_title(col: tuple[str, str]) -> str:
+    label, higher = METRICS[col[1]]
+    return f"{col[0]} {label} {'↑' if higher else '↓'}"
+
+
+def table_caption(table: Table) -> str:
+    """The sentence that says how to read the table."""
+    ns = sorted({c.n for c in table.cells.values()})
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+    return (
+        f"Mean ± sample standard deviation (ddof = 1) over {seeds} seeds, in %. "
+        "↑ higher is better, ↓ lower is better; **bold**: best mean in the column. "
+        "p: two-sided paired t-test (scipy.stats.ttest_rel, runs paired by seed) of each method "
+        "against the best method of that column (n/a: fewer than two shared seeds or constant differences)."
+        + (" The joint-training upper bound is a reference and is never marked best."
+           if any(_is_upper_bound(rs[0].method) for rs in table.runs_per_row.values()) else "")
+    )
+
+
+def table_markdown(table: Table) -> str:
+    """Markdown table (one row per method, one column per protocol x metric) and caption."""
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = [
+        "| Method | " + " | ".join(esc(_column_title(c)) for c in table.columns) + " |",
+        "|---|" + "---:|" * len(table.columns),
+    ]
+    for lab in table.rows:
+        cells = [_fmt_cell(table.cells.get((lab, col))) for col in table.columns]
+        lines.append(f"| {esc(lab)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + table_caption(table) + "\n"
+
+
+def write_table_csv(table: Table, path: str | Path) -> Path:
+    """Wide CSV: ``method``, ``method_id``, ``head``, then per column
+    ``<protocol>/<metric>/{mean,std,n,p_vs_best,is_best}`` (values in %, full precision)."""
+    path = Path(path)
+    header = ["method", "method_id", "head"]
+    for proto, metric in table.columns:
+        header += [f"{proto}/{metric}/{k}" for k in ("mean", "std", "n", "p_vs_best", "is_best")]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for lab in table.rows:
+            first = table.runs_per_row[lab][0]
+            row = [lab, first.method, first.head]
+            for col in table.columns:
+                c = table.cells.get((lab, col))
+                if c is None:
+                    row += [""] * 5
+                    continue
+                p = "" if c.p_value is None else repr(c.p_value)
+                row += [repr(c.mean), repr(c.std), c.n, p, int(c.is_best)]
+            w.writerow(row)
+    return path
+
+
+# -- plots ----------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "protocol"
+
+
+def _colors(table: Table) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {lab: cmap(i % 10) for i, lab in enumerate(table.rows)}
+
+
+def _protocol_runs(table: Table, proto: str) -> dict[str, list[Run]]:
+    out = {}
+    for lab in table.rows:
+        rs = [r for r in table.runs_per_row[lab] if r.protocol == proto]
+        if rs:
+            shapes = {r.num_tasks for r in rs}
+            if len(shapes) > 1:
+                paths = ", ".join(str(r.path) for r in rs)
+                raise ReportError(f"{lab!r} on {proto!r}: runs disagree on the number of tasks ({paths})")
+            out[lab] = rs
+    return out
+
+
+def _protocols(table: Table) -> list[str]:
+    return list(dict.fromkeys(p for p, _ in table.columns))
+
+
+def plot_accuracy_curves(table: Table, out_dir: str | Path) -> list[Path]:
+    """Per protocol: step accuracy (%) after each task, mean ± std band over seeds."""
+    out_dir, files, colors = Path(out_dir), [], _colors(table)
+    for proto in _protocols(table):
+        groups = _protocol_runs(table, proto)
+        fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+        ax = fig.add_subplot()
+        xlabels = None
+        for lab, rs in groups.items():
+            acc = 100.0 * np.stack([r.step_acc for r in rs])
+            mean = acc.mean(axis=0)
+            x = np.arange(1, acc.shape[1] + 1)
+            ax.plot(x, mean, marker="o", color=colors[lab], label=f"{lab} (n={len(rs)})")
+            if len(rs) > 1:
+                sd = acc.std(axis=0, ddof=1)
+                ax.fill_between(x, mean - sd, mean + sd, color=colors[lab], alpha=0.2, linewidth=0)
+            cpt = rs[0].classes_per_task
+            if cpt is not None and xlabels is None:
+                xlabels = (x, [str(v) for v in np.cumsum(cpt)])
+        if xlabels is not None:
+            ax.set_xticks(xlabels[0], xlabels[1])
+            ax.set_xlabel("Number of classes seen")
+        else:
+            T = max(r.num_tasks for rs in groups.values() for r in rs)
+            ax.set_xticks(np.arange(1, T + 1))
+            ax.set_xlabel("Incremental step (tasks learned)")
+        ax.set_ylabel("Accuracy on all seen classes (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"Accuracy after each step — {proto}\n(mean ± std over seeds)")
+        ax.legend(fontsize="small", loc="best")
+        path = out_dir / f"accuracy_curves_{_slug(proto)}.png"
+        fig.savefig(path, dpi=150)
+        files.append(path)
+    return files
+
+
+def plot_accuracy_matrices(table: Table, out_dir: str | Path) -> list[Path]:
+    """Per protocol: heatmap of the mean accuracy matrix (%) of each method, one panel each."""
+    from matplotlib import colormaps
+
+    out_dir, files = Path(out_dir), []
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    for proto in _protocols(table):
+        groups = _protocol_runs(table, proto)
+        n = len(groups)
+        ncols = min(n, 4)
+        nrows = math.ceil(n / ncols)
+        T = max(rs[0].num_tasks for rs in groups.values())
+        side = max(3.2, 0.45 * T + 1.6)
+        fig = Figure(figsize=(side * ncols + 1.2, side * nrows + 0.8), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        image = None
+        for ax, (lab, rs) in zip(axes.flat, groups.items()):
+            # lower triangles are finite (checked on load); unmeasured upper entries stay NaN
+            A = 100.0 * np.mean(np.stack([r.acc_matrix for r in rs]), axis=0)
+            shown = np.ma.masked_where(np.triu(np.ones_like(A, dtype=bool), 1) | ~np.isfinite(A), A)
+            image = ax.imshow(shown, cmap=cmap, vmin=0, vmax=100)
+            if T <= 15:
+                fmt = "{:.1f}" if T <= 6 else "{:.0f}"
+                for t in range(T):
+                    for i in range(t + 1):
+                        v = shown[t, i]
+                        if v is np.ma.masked:
+                            continue
+                        ax.text(i, t, fmt.format(v), ha="center", va="center", fontsize=8 if T <= 8 else 6,
+                                color="black" if v > 60 else "white")
+            ax.set_xticks(range(T), [str(i + 1) for i in range(T)])
+            ax.set_yticks(range(T), [str(t + 1) for t in range(T)])
+            ax.set_xlabel("Evaluated on task")
+            ax.set_ylabel("After training task")
+            ax.set_title(f"{lab} (n={len(rs)})", fontsize="medium")
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        fig.colorbar(image, ax=axes, label="Accuracy (%)", shrink=0.8)
+        fig.suptitle(f"Accuracy matrices — {proto} (mean over seeds)")
+        path = out_dir / f"acc_matrices_{_slug(proto)}.png"
+        fig.savefig(path, dpi=150)
+        files.append(path)
+    return files
+
+
+def plot_transfer_vs_forgetting(table: Table, out_dir: str | Path) -> list[Path]:
+    """Per protocol: forward transfer vs. average forgetting (%), one point per method.
+
+    Error bars are the sample std over seeds. A protocol where no method has
+    both values finite (e.g. single-task runs) gets no plot.
+    """
+    out_dir, files, colors = Path(out_dir), [], _colors(table)
+    for proto in _protocols(table):
+        groups = _protocol_runs(table, proto)
+        fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+        ax = fig.add_subplot()
+        plotted = 0
+        for lab, rs in groups.items():
+            f = np.array([100.0 * r.metrics["average_forgetting"] for r in rs])
+            w = np.array([100.0 * r.metrics["forward_transfer"] for r in rs])
+            ok = np.isfinite(f) & np.isfinite(w)
+            if not ok.any():
+                continue
+            f, w = f[ok], w[ok]
+            xerr = f.std(ddof=1) if f.size > 1 else 0.0
+            yerr = w.std(ddof=1) if w.size > 1 else 0.0
+            ax.errorbar(f.mean(), w.mean(), xerr=xerr, yerr=yerr, fmt="o", capsize=4,
+                        color=colors[lab], label=f"{lab} (n={f.size})")
+            ax.annotate(lab, (f.mean(), w.mean()), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            plotted += 1
+        if not plotted:
+            continue
+        ax.set_xlabel("Average forgetting (%)  ← better")
+        ax.set_ylabel("Forward transfer (%)  better →")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"Forward transfer vs. forgetting — {proto}\n(mean ± std over seeds)")
+        ax.legend(fontsize="small")
+        path = out_dir / f"transfer_vs_forgetting_{_slug(proto)}.png"
+        fig.savefig(path, dpi=150)
+        files.append(path)
+    return files
+
+
+# -- everything at once ------------------------------------------------------------
+@dataclass
+class Report:
+    table: Table
+    markdown: str
+    table_md: Path
+    table_csv: Path
+    plots: list[Path]
+
+
+def make_report(
+    paths: Iterable[str | Path], out_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS
+) -> Report:
+    """Load the runs under ``paths`` and write ``table.md``, ``table.csv`` and the
+    PNG plots (accuracy curves, accuracy matrices, transfer vs. forgetting) to ``out_dir``."""
+    runs = load_runs(paths)
+    table = build_table(runs, metrics)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table_markdown(table)
+    md_path = out / "table.md"
+    md_path.write_text(md)
+    csv_path = write_table_csv(table, out / "table.csv")
+    plots = (
+        plot_accuracy_curves(table, out)
+        + plot_accuracy_matrices(table, out)
+        + plot_transfer_vs_forgetting(table, out)
+    )
+    return Report(table=table, markdown=md, table_md=md_path, table_csv=csv_path, plots=plots)
