@@ -118,8 +118,9 @@ def pack_store(path: str, out: str | os.PathLike, *, check: bool = True,
             raise ArchiveError(f"{path}: not packing a store that fails verification ({len(problems)} problems: {lines})")
     fs, root = _fs_with(store.path, storage_options or {})
     label = _store_label(store.path, store.key, store.dataset, store.encoder)
+    as_dir = os.fspath(out).endswith(("/", os.sep))  # checked before Path() drops the slash
     out = Path(out)
-    if out.is_dir() or str(out).endswith(("/", os.sep)):
+    if as_dir or out.is_dir():
         out = out / f"{label.replace('/', '-').removesuffix('.zarr')}.tar"
     out.parent.mkdir(parents=True, exist_ok=True)
     files = _store_files(fs, root)

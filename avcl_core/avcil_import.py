@@ -321,15 +321,20 @@ def _import_stream(
     }})
     manifest.save(Path(path) / "manifest.jsonl")
     pending = store.pending_shards()
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        pending = tqdm(pending, desc=f"{encoder} ← {source.path.name}", unit="shard")
+        total = sum(store.shard_rows(i).stop - store.shard_rows(i).start for i in pending)
+        bar = tqdm(total=total, desc=f"{encoder} ← {source.path.name}", unit="clip")
     ids = manifest.sample_ids
-    for i in pending:
-        if not store.claim(i):
-            continue
-        _write_shard(store, i, ids, source, transform)
+    try:
+        for i in pending:
+            if store.claim(i):
+                _write_shard(store, i, ids, source, transform, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     if not store.finalize():
         raise AvcilImportError(f"{path}: shards {store.pending_shards()[:5]} are held by another importer; "
                                "run the same command again when it has finished")
@@ -337,7 +342,8 @@ def _import_stream(
 
 
 def _write_shard(store: FeatureStore, i: int, ids: list[str], source: FeatureFile,
-                 transform: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+                 transform: Callable[[np.ndarray], dict[str, np.ndarray]], bar=None) -> None:
+    """Read the released arrays of shard ``i``'s rows one id at a time, write the shard in one go."""
     rows = store.shard_rows(i)
     n = rows.stop - rows.start
     feats = {k: np.zeros((n, *s), dtype=np.float16) for k, s in store.streams.items()}
@@ -345,6 +351,8 @@ def _write_shard(store: FeatureStore, i: int, ids: list[str], source: FeatureFil
     valid = np.full(n, CLIP_SECONDS, dtype=np.float32)
     failures = []
     for j, sid in enumerate(ids[rows]):
+        if bar is not None:
+            bar.update(1)
         v = source.get(sid)
         if v is None:
             status[j], valid[j] = STATUS_MISSING, 0.0
@@ -393,6 +401,10 @@ def import_avcil(
     """
     if audio is None and visual is None:
         raise AvcilImportError("nothing to import: give an audio and/or a visual feature file")
+    cache_root = str(cache_root).removeprefix("file://")
+    if "://" in cache_root:
+        raise AvcilImportError(f"{cache_root}: imports write to a local cache root; copy the stores to the URL "
+                               "afterwards (see `avcl-cache pack` or any directory copy)")
     manifest = protocol_manifest(protocol, dataset)
     protocol_name = manifest.source.removeprefix("protocol ")
     # open (and trust-check) every file before writing anything

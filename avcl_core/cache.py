@@ -554,7 +554,11 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
     names = list(store.streams) + ["status", "valid_len"]
     for i in range(store.n_shards):
         rows = store.shard_rows(i)
-        marker = store.done_marker(i)
+        try:
+            marker = store.done_marker(i)
+        except ValueError as e:  # damaged marker (JSON / UTF-8 decode errors are ValueErrors)
+            bad.append((i, f"done-marker unreadable ({type(e).__name__}: {e})"))
+            continue
         if marker is None:
             bad.append((i, "no done-marker (shard never finished)"))
             continue

@@ -30,11 +30,14 @@ def _storage_options(text: str | None) -> dict | None:
     return opts
 
 
+_REMOTE_HINT = "; remote stores need the optional extra: pip install 'avcl[remote]'"
+
+
 def _open(path: str, storage_options: str | None, **kw) -> FeatureStore:
     try:
         return open_store(path, storage_options=_storage_options(storage_options), **kw)
     except StoreError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(str(e) + (_REMOTE_HINT if "ImportError" in str(e) else "")) from None
 
 
 def human_bytes(n: int) -> str:
@@ -131,7 +134,10 @@ def ls_cmd(root: str | None, as_json: bool, storage_options: str | None) -> None
       avcl-cache ls s3://lab-bucket/avcl-cache
     """
     root = root or default_cache_root()
-    paths = find_stores(root)
+    try:
+        paths = find_stores(root)
+    except ImportError as e:
+        raise click.ClickException(f"{root}: {e}{_REMOTE_HINT}") from None
     rows = []
     for p in paths:
         try:
@@ -248,8 +254,11 @@ def _report(st: FeatureStore) -> list:
             else "store"
         click.echo(f"CORRUPT {where}: {reason}", err=True)
     shards = corrupt_shards(problems)
-    click.echo(f"{st.path}: {len(problems)} problems in {len(shards)} shards"
-               + (f" ({','.join(map(str, shards))})" if shards else ""), err=True)
+    parts = [f"corrupt shards {','.join(map(str, shards))}"] if shards else []
+    whole = sum(1 for i, _ in problems if i < 0)
+    if whole:
+        parts.append(f"{whole} whole-array or attribute problem{'s' * (whole > 1)} (not repairable by shard)")
+    click.echo(f"{st.path}: FAILED: " + "; ".join(parts), err=True)
     return problems
 
 

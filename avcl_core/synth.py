@@ -470,7 +470,9 @@ def _one_pole(x: np.ndarray, alpha: float) -> np.ndarray:
 
 # -- files --------------------------------------------------------------------------
 def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, rate: int) -> None:
-    """H.264 + AAC mp4, deterministic: one x264 thread, fixed options, bitexact muxing."""
+    """H.264 + AAC mp4, deterministic: one x264 thread, fixed options, x264's plain C
+    code path (``asm=0``: its SIMD input copy reads past short rows, which made the
+    bitstream depend on stray memory), bitexact muxing (no version or time stamps)."""
     import av
 
     tmp = path.with_name(path.name + ".tmp")
@@ -480,7 +482,12 @@ def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, ra
         vs.width = vs.height = frames.shape[1]
         vs.pix_fmt = "yuv420p"
         vs.thread_count = 1
-        vs.options = {"preset": "fast", "crf": "16", "threads": "1", "x264-params": "threads=1:lookahead-threads=1"}
+        vs.options = {
+            "preset": "fast",
+            "crf": "16",
+            "threads": "1",
+            "x264-params": "threads=1:lookahead-threads=1:asm=0",
+        }
         as_ = out.add_stream("aac", rate=rate)
         as_.layout = "mono"
         as_.bit_rate = 64000

@@ -30,7 +30,7 @@ SPLIT_FILES = (("train", "trainSet.txt"), ("val", "valSet.txt"), ("test", "testS
 def _parse(path: Path, report: Report) -> list[tuple[int, str, str]]:
     """(line number, category, video id) of each well-formed line; the header and bad lines are skipped."""
     out = []
-    for lineno, line in read_text_lines(path):
+    for lineno, line in read_text_lines(path, report):
         parts = line.split("&")
         if lineno == 1 and parts[0].strip().lower() == "category":
             continue
@@ -99,4 +99,4 @@ def build(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
              "video": video},
             [video],
         ))
-    return finish(DATASET, root, cands, report, deep=deep), report
+    return finish(DATASET, root, cands, report, deep=deep, sorted_ids=True), report

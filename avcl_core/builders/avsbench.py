@@ -109,7 +109,7 @@ def build_s4(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
             files,
         ))
     report.annotated = len(seen)
-    return finish("avsbench-s4", root, cands, report, deep=deep), report
+    return finish("avsbench-s4", root, cands, report, deep=deep, sorted_ids=True), report
 
 
 def build_ms3(root: Path, deep: bool = False) -> tuple[Manifest, Report]:

@@ -190,12 +190,37 @@ def _deep_probe(path: Path, suffix: str) -> tuple[str, str] | None:
     return None
 
 
-def probe_many(paths: Sequence[Path], deep: bool = False, workers: int = 8) -> list[tuple[str, str] | None]:
-    """:func:`probe_file` over many paths (threads: the work is file I/O)."""
-    if len(paths) < 64 or workers <= 1:
-        return [probe_file(p, deep) for p in paths]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda p: probe_file(p, deep), paths, chunksize=64))
+def probe_many(paths: Sequence[str | Path], deep: bool = False, workers: int = 8) -> list[tuple[str, str] | None]:
+    """:func:`probe_file` over many paths (threads: the work is file I/O).
+
+    Each parent folder is listed once, so files absent from a large folder cost no
+    per-file system call.
+    """
+    listing: dict[str, set[str] | None] = {}
+    out: list[tuple[str, str] | None] = [None] * len(paths)
+    todo = []
+    for i, p in enumerate(paths):
+        parent, name = os.path.split(os.fspath(p))
+        if parent not in listing:
+            try:
+                listing[parent] = {e.name for e in os.scandir(parent or ".")}
+            except FileNotFoundError:
+                listing[parent] = set()
+            except OSError:
+                listing[parent] = None  # unlistable: probe the file itself
+        names = listing[parent]
+        if names is not None and name not in names:
+            out[i] = (MISSING, "does not exist")
+        else:
+            todo.append(i)
+    if len(todo) < 64 or workers <= 1:
+        results = [probe_file(paths[i], deep) for i in todo]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(lambda i: probe_file(paths[i], deep), todo, chunksize=64))
+    for i, res in zip(todo, results):
+        out[i] = res
+    return out
 
 
 # -- building ---------------------------------------------------------------------
@@ -208,16 +233,18 @@ class Candidate:
 
 
 def finish(dataset: str, root: Path, candidates: Iterable[Candidate], report: Report, deep: bool = False,
-           workers: int = 8) -> Manifest:
+           workers: int = 8, sorted_ids: bool = False) -> Manifest:
     """Probe the candidates' files, drop rows with a missing/unreadable file, record problems, return the manifest.
 
     A missing file is reported as ``<sample_id>: <path>``, an unreadable one as
     ``<sample_id>: <path> (<reason>)``. A row without an audio stream is kept and
-    reported (the extraction stage marks it).
+    reported (the extraction stage marks it). ``sorted_ids``: relabel the kept
+    single-label rows so that class ids index the sorted names of the classes kept.
     """
     cands = list(candidates)
     unique = sorted({f for c in cands for f in c.files})
-    results = dict(zip(unique, probe_many([root / f for f in unique], deep=deep, workers=workers)))
+    root_s = os.fspath(root)
+    results = dict(zip(unique, probe_many([os.path.join(root_s, f) for f in unique], deep=deep, workers=workers)))
     rows = []
     for c in cands:
         bad = False
@@ -239,6 +266,10 @@ def finish(dataset: str, root: Path, candidates: Iterable[Candidate], report: Re
             report.dropped += 1
         else:
             rows.append(c.row)
+    if sorted_ids:
+        ids = {n: i for i, n in enumerate(sorted({r["class_name"] for r in rows}))}
+        for r in rows:
+            r["label"] = ids[r["class_name"]]
     manifest = Manifest(rows, source=f"{dataset} at {root}")
     report.counts = manifest.counts()
     return manifest
@@ -260,22 +291,44 @@ def find_file(root: Path, names: Sequence[str], subdirs: Sequence[str] = ("",)) 
     return None
 
 
+def _read_text(path: Path) -> str:
+    try:
+        # undecodable bytes become U+FFFD so that one bad line is reported, not fatal
+        return path.read_bytes().decode("utf-8-sig", errors="replace")
+    except OSError as e:
+        raise BuildError(f"annotation file {path} cannot be read: {e.strerror or e}") from None
+
+
 def read_csv_rows(path: Path, report: Report) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every non-empty CSV row; undecodable files raise :class:`BuildError`."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return [(i, row) for i, row in enumerate(csv.reader(f), start=1) if any(x.strip() for x in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise BuildError(f"annotation file {path} cannot be read: {e}") from None
+    """(line number, fields) of every non-empty CSV row; lines that are not UTF-8 are reported and skipped."""
+    lines = _read_text(path).splitlines()
+    out = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if "\ufffd" in line:
+            report.add(MALFORMED, f"{path.name}:{i}: not valid UTF-8")
+            continue
+        try:
+            row = next(csv.reader([line]))
+        except csv.Error as e:
+            report.add(MALFORMED, f"{path.name}:{i}: {e}")
+            continue
+        out.append((i, row))
+    return out
 
 
-def read_text_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, stripped text) of every non-empty line; unreadable files raise :class:`BuildError`."""
-    try:
-        text = path.read_text(encoding="utf-8-sig", errors="strict")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BuildError(f"annotation file {path} cannot be read: {e}") from None
-    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+def read_text_lines(path: Path, report: Report) -> list[tuple[int, str]]:
+    """(line number, stripped text) of every non-empty line; lines that are not UTF-8 are reported and skipped."""
+    out = []
+    for i, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if "\ufffd" in line:
+            report.add(MALFORMED, f"{path.name}:{i}: not valid UTF-8")
+            continue
+        out.append((i, line.strip()))
+    return out
 
 
 def index_media(root: Path, exts: Sequence[str] = VIDEO_EXTS) -> dict[str, list[str]]:

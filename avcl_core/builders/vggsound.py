@@ -90,7 +90,7 @@ def _from_csv(dataset: str, root: Path, deep: bool, rows: list[tuple[int, str, s
             [video],
         ))
     report.annotated = len(cands)
-    return finish(dataset, root, cands, report, deep=deep)
+    return finish(dataset, root, cands, report, deep=deep, sorted_ids=True)
 
 
 def build_vggsound(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
@@ -115,7 +115,7 @@ def _vggss_classes(root: Path, report: Report) -> set[str]:
             return names
     txt = find_file(root, ["vggss_classes.txt"], subdirs=("", "metadata"))
     if txt is not None:
-        return {line for _, line in read_text_lines(txt)}
+        return {line for _, line in read_text_lines(txt, report)}
     raise BuildError(
         f"{root}: no VGG-Sound Sources class list — put vggss.json (its entries' 'class' fields) or "
         "vggss_classes.txt (one VGGSound class per line) in the dataset root or metadata/"

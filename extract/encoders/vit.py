@@ -89,7 +89,8 @@ class VitEncoder(FeatureEncoder):
     def load_checkpoint(self, path: str | Path) -> None:
         """Load a timm ViT state dict (``.safetensors`` or ``.pth``)."""
         state = unwrap(read_state_file(path), "state_dict", "model")
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("head.")}
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
         state = timm.models.vision_transformer.checkpoint_filter_fn(state, self.model)
         load_checked(self.model, state, path)
         self.weights = weights_id(path, 0)

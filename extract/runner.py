@@ -1,0 +1,633 @@
+"""The extraction runner: manifest rows → decoded clips → frozen encoder → feature store shards.
+
+One store per (dataset, encoder configuration), at
+``store_path(cache_dir, dataset, encoder.name, key)`` with
+``key = compute_key(encoder.key_material() + {"manifest": manifest.hash(), "dataset": dataset})``.
+
+Work is done shard by shard (the store's unit of work and of writing):
+
+1. claim a pending shard (an exclusive claim file; a claim left by a dead process is
+   taken over), so concurrent extractors never encode the same shard;
+2. decode its rows in a pool of worker processes (:func:`extract.decode.decode_row`),
+   a bounded number of clips ahead, so decoding of the next shard overlaps encoding
+   of the current one;
+3. encode ``batch_size`` clips per call (frozen encoder, ``torch.inference_mode()``;
+   the encoders autocast to bf16 themselves on CUDA), cast every stream to float16;
+4. ``write_shard`` (all rows, then the done-marker), which releases the claim.
+
+Clips that fail to decode are written as zeros with their status code and listed in
+the shard's done-marker. When no shard is pending the store is finalized
+(``status = complete``); if other live writers still hold shards, the last one finalizes.
+
+Batches never cross a shard and are formed from the shard's decodable rows in order,
+so a shard's bytes do not depend on which process (or which run, after a crash) wrote it.
+
+Besides the cache's attributes, the store records under ``attrs["extract"]`` how to
+redo a shard (:func:`repair`): dataset, absolute root, source manifest path, encoder
+name and build options; the manifest used is saved as ``<store>/manifest.jsonl``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from collections import Counter, deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, FeatureStore, ShardFailure, StoreError,
+                             _pid_alive, compute_key, create_store, open_store, store_path, verify_store)
+from avcl_core.manifest import Manifest
+from extract.decode import DecodedClip, decode_row, quiet_decoder_logs
+from extract.encoders.base import FeatureEncoder
+
+log = logging.getLogger("avcl.extract")
+
+STORE_MANIFEST = "manifest.jsonl"
+MAX_EXAMPLES = 5
+
+
+# -- results -------------------------------------------------------------------
+@dataclass
+class ShardResult:
+    """What one writer did to one shard."""
+
+    shard: int
+    rows: int
+    ok: int
+    failures: list[ShardFailure]
+    seconds: float
+    pid: int = field(default_factory=os.getpid)
+
+
+@dataclass
+class Summary:
+    """Outcome of one extraction run (counts are for rows this run wrote)."""
+
+    store: str
+    key: str
+    n_rows: int
+    n_shards: int
+    ok: int = 0
+    failed: dict[int, int] = field(default_factory=dict)
+    examples: list[ShardFailure] = field(default_factory=list)
+    skipped_shards: int = 0
+    skipped_rows: int = 0
+    shards_written: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    already_complete: bool = False
+    complete: bool = False
+    waiting: list[int] = field(default_factory=list)
+    task_errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def clips(self) -> int:
+        return self.ok + sum(self.failed.values())
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, result: ShardResult) -> None:
+        self.ok += result.ok
+        for f in result.failures:
+            self.failed[f.code] = self.failed.get(f.code, 0) + 1
+            if len(self.examples) < MAX_EXAMPLES:
+                self.examples.append(f)
+        self.shards_written.append(result.shard)
+
+    def format(self) -> str:
+        if self.already_complete:
+            return f"already complete: {self.store} (key {self.key[:12]}…); nothing to do"
+        codes = ", ".join(f"{STATUS_NAMES.get(c, c)} {n}" for c, n in sorted(self.failed.items()))
+        lines = [
+            f"store   {self.store}",
+            f"key     {self.key}",
+            f"status  {'complete' if self.complete else 'building'}"
+            + (f" (shards {_ranges(self.waiting)} still held by other writers; the last one finalizes)"
+               if self.waiting else ""),
+            f"ok      {self.ok}",
+            f"failed  {self.n_failed}" + (f" ({codes})" if codes else ""),
+            f"skipped {self.skipped_rows} rows ({self.skipped_shards} shards already done)",
+            f"speed   {self.clips_per_s:.2f} clips/s ({self.clips} clips, {len(self.shards_written)} shards "
+            f"in {self.seconds:.1f} s)",
+        ]
+        for f in self.examples:
+            lines.append(f"  e.g. {f.sample_id} [{STATUS_NAMES.get(f.code, f.code)}]: {f.reason}")
+        for err in self.task_errors:
+            lines.append(f"  task error: {err}")
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+
+def _ranges(ix: Iterable[int]) -> str:
+    ix = sorted(ix)
+    return ",".join(map(str, ix[:20])) + ("…" if len(ix) > 20 else "")
+
+
+# -- store helpers -------------------------------------------------------------
+def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str) -> dict:
+    """The store's key material: the encoder's, plus the manifest hash and dataset name."""
+    return {**encoder.key_material(), "manifest": manifest.hash(), "dataset": dataset}
+
+
+def open_writable(path: str, key: str | None = None) -> FeatureStore:
+    """Open an existing store for writing (any status); checks ``key`` when given."""
+    try:
+        group = zarr.open_group(str(path), mode="r+")
+        have = group.attrs.get("key")
+    except Exception as e:  # noqa: BLE001 - any unreadable group is reported the same way
+        raise StoreError(f"{path}: not a writable feature store ({type(e).__name__}: {e})") from None
+    if have is None:
+        raise StoreError(f"{path}: a Zarr group without avcl key attributes, not a feature store")
+    if key is not None and have != key:
+        raise StoreError(f"{path}: store key {str(have)[:12]}… differs from the expected key {key[:12]}…")
+    return FeatureStore(str(path), group, writable=True)
+
+
+def refresh(store: FeatureStore) -> FeatureStore:
+    """Re-read the group metadata, so an attribute update does not undo another writer's."""
+    store.group = zarr.open_group(store.path, mode="r+")
+    store._attrs_cache = None
+    return store
+
+
+def update_attrs(store: FeatureStore, values: Mapping) -> None:
+    refresh(store).group.attrs.update(dict(values))
+    store._attrs_cache = None
+
+
+def _save_manifest_copy(store: FeatureStore, manifest: Manifest) -> None:
+    target = Path(store.path) / STORE_MANIFEST
+    if target.exists():
+        return
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    manifest.save(tmp)
+    os.replace(tmp, target)
+
+
+def prepare_store(
+    manifest: Manifest,
+    encoder: FeatureEncoder,
+    cache_dir: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    rows_per_shard: int | None = None,
+    info: Mapping | None = None,
+) -> FeatureStore:
+    """Create (or reopen to resume) the store for ``manifest`` x ``encoder`` under ``cache_dir``.
+
+    Saves the manifest as ``<store>/manifest.jsonl`` and records ``info`` under
+    ``attrs["extract"]`` when the store does not have them yet.
+    """
+    dataset = dataset or manifest.dataset
+    material = key_material(encoder, manifest, dataset)
+    key = compute_key(material)
+    path = store_path(cache_dir, dataset, encoder.name, key)
+    store = create_store(path, key_material=material, manifest=manifest, streams=encoder.streams(),
+                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard)
+    if store.status != "complete":
+        _save_manifest_copy(store, manifest)
+        if "extract" not in store.attrs:
+            update_attrs(store, {"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
+    return store
+
+
+# -- decoding pool -------------------------------------------------------------
+def _init_decode_worker() -> None:
+    # one thread per decoding process: the processes are the parallelism
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    quiet_decoder_logs()
+
+
+def decode_pool(workers: int) -> Executor | None:
+    """``workers`` decoding processes (threads inside a daemonic process, e.g. a dask worker,
+    which may not start children); None for ``workers == 0`` (decode inline)."""
+    if workers <= 0:
+        return None
+    if mp.current_process().daemon:
+        return ThreadPoolExecutor(workers, initializer=quiet_decoder_logs)
+    # fork: workers start instantly; they only decode and resize with one torch thread
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_decode_worker)
+
+
+@contextlib.contextmanager
+def deterministic_torch(device: torch.device, threads: int | None):
+    """Run with ``threads`` torch intra-op threads (restored afterwards).
+
+    CPU kernels are deterministic for a fixed thread count and batch composition,
+    which is all a bit-identical rerun needs (``torch.use_deterministic_algorithms``
+    changes nothing on CPU and costs seconds of imports).
+    """
+    old_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def encoder_device(encoder: FeatureEncoder) -> torch.device:
+    for t in list(encoder.parameters()) + list(encoder.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# -- the shard pipeline ---------------------------------------------------------
+class _ShardBuffer:
+    """Rows of one shard being assembled: zero features, status, valid_len, failures."""
+
+    def __init__(self, store: FeatureStore, shard: int):
+        self.shard = shard
+        self.rows = store.shard_rows(shard)
+        n = self.rows.stop - self.rows.start
+        self.features = {k: np.zeros((n, *s), dtype=np.float16) for k, s in store.streams.items()}
+        self.status = np.zeros(n, dtype=np.uint8)
+        self.valid_len = np.zeros(n, dtype=np.float32)
+        self.failures: list[ShardFailure] = []
+        self.batch: list[tuple[int, str, DecodedClip]] = []
+        self.decoded_ok = 0
+        self.start = time.perf_counter()
+
+    def fail(self, j: int, sample_id: str, code: int, reason: str) -> None:
+        self.status[j] = code
+        self.valid_len[j] = 0.0
+        for feats in self.features.values():
+            feats[j] = 0
+        self.failures.append(ShardFailure(sample_id, int(code), reason))
+
+
+def _encode(encoder: FeatureEncoder, clips: Sequence[DecodedClip], device: torch.device) -> dict[str, np.ndarray]:
+    pp = encoder.preprocess
+    frames = audio = None
+    if pp.num_frames:
+        frames = torch.from_numpy(np.stack([c.frames for c in clips])).to(device)
+    if pp.num_samples:
+        audio = torch.from_numpy(np.stack([c.audio for c in clips])).to(device)
+    with torch.inference_mode():
+        out = encoder.encode(frames, audio)
+    streams = encoder.streams()
+    result = {}
+    for name, shape in streams.items():
+        if name not in out:
+            raise StoreError(f"encoder {encoder.name}: encode() returned no {name!r} stream (got {sorted(out)})")
+        t = out[name]
+        if tuple(t.shape) != (len(clips), *shape):
+            raise StoreError(f"encoder {encoder.name}: stream {name!r} has shape {tuple(t.shape)}, "
+                             f"streams() declares {(len(clips), *shape)}")
+        result[name] = t.detach().to(torch.float16).cpu().numpy()
+    return result
+
+
+def _flush_batch(buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> None:
+    if not buf.batch:
+        return
+    batch, buf.batch = buf.batch, []
+    try:
+        outs = [(batch, _encode(encoder, [c for _, _, c in batch], device))]
+    except StoreError:
+        raise
+    except Exception:  # noqa: BLE001 - retry clip by clip (e.g. out of memory) to isolate a bad clip
+        outs = []
+        for item in batch:
+            try:
+                outs.append(([item], _encode(encoder, [item[2]], device)))
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                buf.fail(item[0], item[1], STATUS_ENCODE_ERROR, f"encoder {encoder.name}: {type(e).__name__}: {e}"[:300])
+    for items, feats in outs:
+        for k, (j, _, clip) in enumerate(items):
+            for name, arr in feats.items():
+                buf.features[name][j] = arr[k]
+            buf.status[j] = STATUS_OK
+            buf.valid_len[j] = clip.valid_len
+
+
+def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> ShardResult:
+    _flush_batch(buf, encoder, device)
+    ok = int((buf.status == STATUS_OK).sum())
+    if buf.decoded_ok and not ok:
+        first = next(f.reason for f in buf.failures if f.code == STATUS_ENCODE_ERROR)
+        raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
+                           f"({buf.decoded_ok} clips); first error: {first}")
+    store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures)
+    seconds = time.perf_counter() - buf.start
+    log.info("shard %d written by pid %d: %d ok, %d failed (%.1f s)", buf.shard, os.getpid(), ok,
+             len(buf.failures), seconds)
+    return ShardResult(buf.shard, len(buf.status), ok, list(buf.failures), seconds)
+
+
+def run_shards(
+    store: FeatureStore,
+    rows: Mapping[int, dict] | Sequence[dict],
+    root: str | os.PathLike,
+    encoder: FeatureEncoder,
+    *,
+    batch_size: int = 8,
+    workers: int = 2,
+    shards: Iterable[int] | None = None,
+    on_row: Callable[[int], None] | None = None,
+) -> list[ShardResult]:
+    """Claim, decode, encode and write shards of ``store`` until none is left to claim.
+
+    ``rows[r]`` is manifest row ``r`` (a Manifest, list, or dict of the rows needed);
+    ``shards`` restricts the work to those shards. Decoding runs ``workers`` processes
+    ahead of the encoder (a window of ``max(2 * batch_size, 4 * workers)`` clips), across
+    shard boundaries. Claims this call still holds are released if it fails.
+    """
+    device = encoder_device(encoder)
+    pp = encoder.preprocess
+    allowed = None if shards is None else set(int(i) for i in shards)
+    held: set[int] = set()
+    results: list[ShardResult] = []
+    window = max(2 * batch_size, 4 * workers, 1)
+    pool = decode_pool(workers)
+
+    def claimed() -> Iterator[int]:
+        while True:
+            took = False
+            for i in store.pending_shards():
+                if i in held or (allowed is not None and i not in allowed):
+                    continue
+                if store.claim(i):
+                    held.add(i)
+                    took = True
+                    yield i
+            if not took:  # a full pass claimed nothing: the rest is done or held by live writers
+                return
+
+    def decoded() -> Iterator[tuple[int, int, DecodedClip]]:
+        queue: deque = deque()
+        for i in claimed():
+            rng = store.shard_rows(i)
+            for r in range(rng.start, rng.stop):
+                job = pool.submit(decode_row, rows[r], root, pp) if pool is not None else None
+                queue.append((i, r, job))
+                while len(queue) > window:
+                    yield _resolve(queue.popleft())
+        while queue:
+            yield _resolve(queue.popleft())
+
+    def _resolve(item):
+        i, r, job = item
+        return i, r, (job.result() if job is not None else decode_row(rows[r], root, pp))
+
+    buf: _ShardBuffer | None = None
+    try:
+        for i, r, clip in decoded():
+            if buf is None or buf.shard != i:
+                if buf is not None:
+                    results.append(_finish_shard(store, buf, encoder, device))
+                    held.discard(buf.shard)
+                buf = _ShardBuffer(store, i)
+            j = r - buf.rows.start
+            sid = rows[r]["sample_id"]
+            if clip.ok:
+                buf.decoded_ok += 1
+                buf.batch.append((j, sid, clip))
+                if len(buf.batch) >= batch_size:
+                    _flush_batch(buf, encoder, device)
+            else:
+                buf.fail(j, sid, clip.status, clip.reason)
+            if on_row is not None:
+                on_row(1)
+        if buf is not None:
+            results.append(_finish_shard(store, buf, encoder, device))
+            held.discard(buf.shard)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for i in held:  # a failure mid-shard: let another writer (or a rerun) take it
+            store.release(i)
+    return results
+
+
+# -- the run -------------------------------------------------------------------
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: decoding workers are forked
+    return tqdm(total=total, desc=desc, unit="clip", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _conclude(store: FeatureStore, summary: Summary) -> Summary:
+    """Finalize when no shard is pending; otherwise say who still holds what."""
+    refresh(store)  # finalize from fresh attributes, so no other writer's update is lost
+    pending = store.pending_shards()
+    if not pending:
+        summary.complete = store.finalize()
+        return summary
+    summary.waiting = pending
+    here = socket.gethostname()
+    live = [i for i in pending if (h := store.claim_holder(i)) and h.get("pid")
+            and (h.get("host") != here or _pid_alive(int(h["pid"])))]
+    if len(live) < len(pending):
+        summary.note = (f"{len(pending) - len(live)} shards are unfinished and unclaimed; "
+                        "run the same command again to finish them")
+    return summary
+
+
+def extract(
+    manifest: Manifest,
+    root: str | os.PathLike,
+    encoder: FeatureEncoder,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 8,
+    workers: int = 2,
+    device: str | torch.device | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    *,
+    dataset: str | None = None,
+    rows_per_shard: int | None = None,
+    threads: int | None = None,
+    encoder_factory: Callable[[], FeatureEncoder] | None = None,
+    info: Mapping | None = None,
+) -> Summary:
+    """Extract ``encoder`` features of every clip in ``manifest`` into its store under ``cache_dir``.
+
+    ``root``: directory the manifest's paths are relative to. ``device``: move the
+    encoder there first (None: where it is). ``workers``: decoding processes (0 =
+    decode in this process, no overlap). ``threads``: torch intra-op threads while
+    encoding (fix it for bit-identical reruns on CPU). ``scheduler``: a dask scheduler
+    address or ``local:N`` (see :mod:`extract.distributed`); its workers rebuild the
+    encoder with ``encoder_factory`` (a picklable zero-argument callable) or receive
+    this one. ``rows_per_shard``: override the store's shard size (new stores only).
+    ``info``: what :func:`repair` needs, recorded under ``attrs["extract"]``.
+
+    A complete store is left alone (``Summary.already_complete``); an interrupted one
+    is resumed (done shards are skipped).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is not None:
+        encoder.to(torch.device(device))
+    encoder.eval()
+    t0 = time.perf_counter()
+    dataset = dataset or manifest.dataset
+    info = dict(info or {"dataset": dataset, "root": str(Path(root).resolve()), "encoder": encoder.name})
+    store = prepare_store(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info)
+    return _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
+
+
+def _run(store, manifest, root, encoder, *, batch_size, workers, scheduler, progress, threads, encoder_factory, t0,
+         shards: Sequence[int] | None = None) -> Summary:
+    summary = Summary(store=store.path, key=store.key, n_rows=store.n_rows, n_shards=store.n_shards)
+    if store.status == "complete":
+        summary.already_complete = summary.complete = True
+        return summary
+    allowed = None if shards is None else set(shards)
+    all_pending = store.pending_shards()
+    pending = [i for i in all_pending if allowed is None or i in allowed]
+    if allowed is None:
+        done = set(range(store.n_shards)) - set(all_pending)
+        summary.skipped_shards = len(done)
+        summary.skipped_rows = sum(store.shard_rows(i).stop - store.shard_rows(i).start for i in done)
+    total = sum(store.shard_rows(i).stop - store.shard_rows(i).start for i in pending)
+    device = encoder_device(encoder)
+    bar = _progress(total, f"{store.dataset}/{encoder.name}", progress)
+    try:
+        if scheduler:
+            from extract.distributed import run_on_cluster
+
+            results, errors = run_on_cluster(
+                scheduler, store, manifest, root, encoder, pending, batch_size=batch_size, workers=workers,
+                threads=threads, encoder_factory=encoder_factory, on_rows=bar.update)
+            summary.task_errors = errors
+        else:
+            with deterministic_torch(device, threads):
+                results = run_shards(store, manifest, root, encoder, batch_size=batch_size, workers=workers,
+                                     shards=allowed, on_row=bar.update)
+    finally:
+        bar.close()
+    for res in sorted(results, key=lambda r: r.shard):
+        summary.add(res)
+    summary.seconds = time.perf_counter() - t0
+    return _conclude(store, summary)
+
+
+# -- repair --------------------------------------------------------------------
+def reopen_for_repair(path: str, shards: Sequence[int]) -> FeatureStore:
+    """Open a (complete) store for rewriting ``shards``: status back to ``building``,
+    their done-markers removed. A crash afterwards leaves a building store that the
+    same repair (or the original extract command) finishes."""
+    store = open_writable(path)
+    bad = [i for i in shards if not 0 <= i < store.n_shards]
+    if bad:
+        raise StoreError(f"{path}: shards {bad} out of range 0..{store.n_shards - 1}")
+    update_attrs(store, {"status": "building"})
+    for i in shards:
+        with contextlib.suppress(FileNotFoundError):
+            Path(store._marker(i, "done.json")).unlink()
+    return store
+
+
+def encoder_from_info(info: Mapping, device: str | None = None) -> FeatureEncoder:
+    """Rebuild the encoder recorded in a store's ``attrs["extract"]``."""
+    from extract.encoders import build_encoder
+
+    name = info.get("encoder")
+    options = dict(info.get("encoder_options") or {})
+    if not name or "encoder_options" not in info:
+        raise StoreError("the store does not record how its encoder was built (attrs['extract']['encoder_options']); "
+                         "re-extract it with avcl-extract")
+    if device is not None:
+        options = with_device(name, options, device)
+    enc = build_encoder(name, **options)
+    if device is not None:
+        enc.to(torch.device(device))
+    return enc
+
+
+def with_device(name: str, options: Mapping, device: str) -> dict:
+    """``options`` plus ``device`` when encoder ``name``'s ``build`` takes one."""
+    import inspect
+
+    from extract.encoders import encoder_module
+
+    options = dict(options)
+    if "device" in inspect.signature(encoder_module(name).build).parameters:
+        options["device"] = device
+    return options
+
+
+def repair(
+    path: str,
+    shards: Sequence[int] | None = None,
+    *,
+    root: str | os.PathLike | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+    workers: int = 2,
+    scheduler: str | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> Summary:
+    """Re-extract ``shards`` of the store at ``path`` (default: the shards :func:`verify_store`
+    finds corrupt) with the encoder, manifest and root recorded in the store, then finalize.
+
+    The rebuilt encoder must give the store's key (same weights file, options and
+    device precision), else nothing is touched.
+    """
+    t0 = time.perf_counter()
+    ro = open_store(path, allow_incomplete=True)
+    info = ro.attrs.get("extract") or {}
+    if shards is None:
+        bad = verify_store(ro)
+        if any(i < 0 for i, _ in bad):
+            raise StoreError(f"{path}: {[r for i, r in bad if i < 0]}: row metadata is corrupt; re-extract the store")
+        shards = sorted({i for i, _ in bad})
+    shards = sorted(set(int(i) for i in shards))
+    summary = Summary(store=ro.path, key=ro.key, n_rows=ro.n_rows, n_shards=ro.n_shards)
+    if not shards:
+        summary.complete = ro.status == "complete"
+        summary.note = "nothing to repair: every shard verifies"
+        return summary
+    manifest_file = Path(path) / STORE_MANIFEST
+    if not manifest_file.exists():
+        raise StoreError(f"{path}: no {STORE_MANIFEST} in the store; cannot tell which clips its rows are")
+    manifest = Manifest.load(manifest_file)
+    if manifest.hash() != ro.key_material.get("manifest"):
+        raise StoreError(f"{manifest_file}: manifest hash differs from the store's key material")
+    root = root if root is not None else info.get("root")
+    if not root:
+        raise StoreError(f"{path}: the store does not record the dataset root; pass root")
+    encoder = encoder_from_info(info, device)
+    material = key_material(encoder, manifest, ro.key_material.get("dataset", ro.dataset))
+    if compute_key(material) != ro.key:
+        diff = sorted(k for k in set(material) | set(ro.key_material) if material.get(k) != ro.key_material.get(k))
+        raise StoreError(f"{path}: the encoder rebuilt from the recorded options gives another key "
+                         f"(differs in {', '.join(diff)}); the weights file or options changed")
+    store = reopen_for_repair(path, shards)
+    factory = None
+    if scheduler:
+        import functools
+
+        from extract.encoders import build_encoder
+
+        opts = dict(info["encoder_options"])
+        if device is not None:
+            opts = with_device(info["encoder"], opts, device)
+        factory = functools.partial(build_encoder, info["encoder"], **opts)
+    return _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                progress=progress, threads=threads, encoder_factory=factory, t0=t0, shards=shards)

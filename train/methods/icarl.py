@@ -1,0 +1,110 @@
+"""``icarl`` / ``icarl-nme`` / ``icarl-fc``: iCaRL (Rebuffi et al., CVPR 2017) as benchmarked by AV-CIL.
+
+Training (current data and exemplars shuffled together, ``'mixed'`` replay;
+exemplars chosen by herding without replacement):
+
+    L = CE(z, y) + lamb * mean_{b, c < n_old} BCE(sigmoid(z[b, c]), sigmoid(z_old[b, c]))
+
+The distillation applies the sigmoid once to each side (through
+``binary_cross_entropy_with_logits``); the public AV-CIL baseline applied it twice.
+
+Prediction (``classifier``):
+
+* ``nme``: nearest class mean. With phi(x) = f(x)/||f(x)||, the mean of class c is
+  mu_c = m_c/||m_c||, m_c = mean of phi over c's exemplars (recomputed with the
+  current model after every task; a class without exemplars keeps the mean of
+  its training samples from when it was learnt). Score_c(x) = -||phi(x) - mu_c||.
+* ``fc``: the classifier's logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from train.heads.base import OptionError
+from train.methods import losses
+from train.methods.base import Hparams, Method, register_method
+
+
+@dataclass(frozen=True)
+class ICaRLHparams(Hparams):
+    classifier: str = "nme"  # nme | fc
+    lamb: float = 1.0  # weight of the sigmoid distillation
+    selection: str = "herding"
+
+    def check(self, what: str) -> None:
+        super().check(what)
+        if self.classifier not in ("nme", "fc"):
+            raise OptionError(f"{what}: classifier must be 'nme' or 'fc', got {self.classifier!r}")
+
+
+@dataclass(frozen=True)
+class ICaRLNMEHparams(ICaRLHparams):
+    classifier: str = "nme"
+
+
+@dataclass(frozen=True)
+class ICaRLFCHparams(ICaRLHparams):
+    classifier: str = "fc"
+
+
+@register_method("icarl")
+class ICaRL(Method):
+    Hparams = ICaRLHparams
+    family = "icarl"
+    replay = "mixed"
+    uses_teacher = True
+
+    def __init__(self, hp) -> None:
+        super().__init__(hp)
+        self.means: torch.Tensor | None = None  # (n_seen, D), unit rows
+
+    def loss(self, batch, out):
+        terms = {"ce": F.cross_entropy(out["logits"], batch["y"])}
+        old = self.teacher(batch)
+        if old is not None:
+            terms["kd"] = self.hp.lamb * losses.sigmoid_distillation(out["logits"], old["logits"])
+        return terms
+
+    def after_task(self, task: int) -> None:
+        tr = self.trainer
+        n_seen = tr.n_seen
+        dim = tr.model.head.out_dim
+        means = torch.zeros(n_seen, dim, device=tr.device)
+        if self.means is not None:
+            means[: self.means.shape[0]] = self.means
+        memory = tr.memory.per_class()
+        for c in range(n_seen):
+            idx = memory.get(c)
+            if idx is None or idx.size == 0:
+                if c < tr.n_old:
+                    continue  # keep the mean it had
+                idx = tr.train_indices_of_class(c)
+            feats = F.normalize(tr.features_of(idx), dim=1)
+            means[c] = F.normalize(feats.mean(dim=0), dim=0)
+        self.means = means
+
+    def predict(self, batch, out):
+        if self.hp.classifier == "fc" or self.means is None:
+            return out["logits"]
+        phi = F.normalize(out["feature"], dim=1)
+        return -torch.cdist(phi, self.means[: out["logits"].shape[1]])
+
+    def state_dict(self) -> dict:
+        return {"means": None if self.means is None else self.means.cpu()}
+
+    def load_state_dict(self, state) -> None:
+        m = state.get("means")
+        self.means = None if m is None else m.to(self.trainer.device if self.trainer else "cpu")
+
+
+@register_method("icarl-nme")
+class ICaRLNME(ICaRL):
+    Hparams = ICaRLNMEHparams
+
+
+@register_method("icarl-fc")
+class ICaRLFC(ICaRL):
+    Hparams = ICaRLFCHparams
