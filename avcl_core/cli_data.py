@@ -148,7 +148,7 @@ def check(dataset, manifest_path, root, out, protocol, deep, examples, report_js
             manifest, report = build_manifest(dataset, root, deep=deep)
         else:
             manifest, report = check_manifest(Manifest.load(manifest_path), root, deep=deep)
-    except (BuildError, ManifestError) as e:
+    except (BuildError, ManifestError, ProtocolError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     click.echo(report.format(examples=examples))

@@ -54,6 +54,8 @@ from extract.encoders.base import Preprocess
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: Image folders without a row ``end`` are taken at this rate (AVSBench: one frame per second).
 IMAGE_FOLDER_FPS = 1.0
+#: Seconds within which a sample time counts as on a frame boundary (timestamps are float32).
+TIME_EPS = 1e-4
 RESIZE_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
 
 _quiet = False
@@ -118,8 +120,9 @@ def frame_indices(times: np.ndarray, frame_starts: np.ndarray, content_end: floa
     starts = np.asarray(frame_starts, dtype=np.float64)
     if starts.size == 0:
         raise ValueError("frame_indices: no frames")
-    idx = np.searchsorted(starts, np.asarray(times, dtype=np.float64), side="right") - 1
-    last = max(0, int(np.searchsorted(starts, content_end, side="left")) - 1)
+    # decord's timestamps are float32: a time on a frame boundary must not fall a frame early
+    idx = np.searchsorted(starts, np.asarray(times, dtype=np.float64) + TIME_EPS, side="right") - 1
+    last = max(0, int(np.searchsorted(starts, content_end - TIME_EPS, side="left")) - 1)
     return np.clip(idx, 0, last).astype(np.int64)
 
 

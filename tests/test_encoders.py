@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import math
 import pickle
 import re
@@ -39,11 +40,22 @@ def _audio(b, rate, seconds=SECONDS, seed=0):
 
 def _build(name, **kw):
     opts = {
-        "sam-audio": dict(variant="tiny", frames_per_clip=3, clip_seconds=SECONDS, dense=True, dense_grid=2),
+        "sam-audio": dict(variant="tiny", frames_per_clip=3, clip_seconds=0.4, dense=True, dense_grid=2),
         "pann-cnn14": dict(variant="tiny", clip_seconds=SECONDS),
         "vit-b16": dict(variant="tiny", frames_per_clip=2, clip_seconds=SECONDS),
     }[name]
     return build_encoder(name, **{**opts, **kw})
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_cached(name, items):
+    return _build(name, **dict(items))
+
+
+def _shared(name, **kw):
+    """Like :func:`_build`, but one instance per configuration for the whole module (encoders are
+    frozen and ``encode`` is pure, so tests that only read may share them)."""
+    return _shared_cached(name, tuple(sorted(kw.items())))
 
 
 def _inputs(enc, b=2, seed=0):
@@ -93,19 +105,19 @@ def test_stream_shapes_dtypes_and_frozen(name):
 
 
 def test_expected_stream_shapes_per_encoder():
-    sam = _build("sam-audio").streams()
-    # 1 s at 48 kHz → 25 latent frames; tiny PE projects to 512, patch width 192
-    assert sam == {"audio": (25, 16), "visual": (3, 512), "visual_dense": (3, 4, 192)}
-    pann = _build("pann-cnn14").streams()
+    sam = _shared("sam-audio").streams()
+    # 0.4 s at 48 kHz → 10 latent frames; tiny PE projects to 512, patch width 192
+    assert sam == {"audio": (10, 16), "visual": (3, 512), "visual_dense": (3, 4, 192)}
+    pann = _shared("pann-cnn14").streams()
     # 1 + 32000 // 320 = 101 frames, halved 5 times → 3
     assert pann == {"audio": (1, 128), "audio_dense": (3, 128)}
-    assert _build("pann-cnn14", clip_seconds=10.0).streams()["audio_dense"] == (31, 128)
-    assert _build("vit-b16").streams() == {"visual": (2, 192), "visual_dense": (2, 196, 192)}
-    assert _build("vit-b16", dense=False).streams() == {"visual": (2, 192)}
+    assert _shared("pann-cnn14", clip_seconds=10.0).streams()["audio_dense"] == (31, 128)
+    assert _shared("vit-b16").streams() == {"visual": (2, 192), "visual_dense": (2, 196, 192)}
+    assert _shared("vit-b16", dense=False).streams() == {"visual": (2, 192)}
 
 
 def test_sam_audio_visual_is_unit_norm_and_dense_grid_is_patch_average():
-    enc = _build("sam-audio")
+    enc = _shared("sam-audio")
     frames, audio = _inputs(enc)
     out = enc.encode(frames, audio)
     torch.testing.assert_close(out["visual"].norm(dim=-1), torch.ones(2, 3))
@@ -118,7 +130,7 @@ def test_sam_audio_visual_is_unit_norm_and_dense_grid_is_patch_average():
 
 
 def test_vit_outputs_are_cls_and_patch_tokens_of_half_normalised_frames():
-    enc = _build("vit-b16")
+    enc = _shared("vit-b16")
     frames, _ = _inputs(enc)
     out = enc.encode(frames, None)
     x = (frames.flatten(0, 1).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
@@ -129,13 +141,13 @@ def test_vit_outputs_are_cls_and_patch_tokens_of_half_normalised_frames():
 
 
 def test_bad_inputs_are_named():
-    enc = _build("vit-b16")
+    enc = _shared("vit-b16")
     with pytest.raises(ValueError, match=r"\(B, T, 224, 224, 3\)"):
         enc.encode(_frames(1, 2, 112), None)
     with pytest.raises(ValueError, match="frames=None"):
         enc.encode(None, None)
     with pytest.raises(ValueError, match=r"\(B, L\)"):
-        _build("pann-cnn14").encode(None, torch.zeros(1, 2, 32000))
+        _shared("pann-cnn14").encode(None, torch.zeros(1, 2, 32000))
 
 
 @pytest.mark.parametrize("name", PRETRAINED)
@@ -180,17 +192,25 @@ def test_key_material_tracks_variant_weights_and_options(tmp_path):
     assert loaded.key_material()["weights"] != base["weights"]
 
 
+@pytest.mark.slow  # builds the full PE-L (317 M parameters)
 def test_sam_audio_fps_25_warns_about_pe_l_cost():
     with pytest.warns(UserWarning, match="352 GFLOPs"):
         enc = build_encoder("sam-audio", variant="base", fps=25, audio=False, clip_seconds=0.2)
     assert enc.preprocess.num_frames == 5 and enc.streams() == {"visual": (5, 1024)}
 
 
+def test_sam_audio_fps_option_samples_frames_at_that_rate():
+    enc = _shared("sam-audio", fps=25.0)  # 0.4 s at 25 fps
+    assert enc.preprocess.num_frames == 10 and enc.streams()["visual"] == (10, 512)
+    out = _run(enc)
+    assert out["visual"].shape == (2, 10, 512) and out["audio"].shape == (2, 10, 16)
+
+
 def test_sam_audio_modalities_can_be_skipped():
-    audio_only = _build("sam-audio", frames_per_clip=0)
+    audio_only = _shared("sam-audio", frames_per_clip=0)
     assert audio_only.vision is None and set(audio_only.streams()) == {"audio"}
     assert audio_only.preprocess.image_size == 0
-    visual_only = _build("sam-audio", audio=False)
+    visual_only = _shared("sam-audio", audio=False)
     assert visual_only.audio_codec is None and visual_only.preprocess.audio_rate == 0
 
 
@@ -277,7 +297,7 @@ def _sam_audio_checkpoint(enc, path, form="old", codec_prefix="audio_codec."):
 @pytest.mark.parametrize("form,prefix", [("old", "audio_codec."), ("parametrizations", "audio_codec."),
                                          ("old", "audio_codec.model.")])
 def test_sam_audio_checkpoint_in_upstream_layout_reproduces_outputs(tmp_path, form, prefix):
-    src = _build("sam-audio", random_init_seed=7)
+    src = _shared("sam-audio", random_init_seed=7)
     path = tmp_path / "checkpoint.pt"
     state = _sam_audio_checkpoint(src, path, form, prefix)
     assert any(k.endswith(("weight_g", "original0")) for k in state)
@@ -289,7 +309,7 @@ def test_sam_audio_checkpoint_in_upstream_layout_reproduces_outputs(tmp_path, fo
 
 
 def test_sam_audio_partial_or_foreign_checkpoint_names_keys(tmp_path):
-    src = _build("sam-audio")
+    src = _shared("sam-audio")
     path = tmp_path / "checkpoint.pt"
     state = _sam_audio_checkpoint(src, path)
     del state["audio_codec.encoder.block.6.weight_g"]
@@ -369,8 +389,8 @@ def test_pann_file_with_arbitrary_objects_needs_explicit_trust(tmp_path):
 
 
 def test_pann_partial_or_wrong_checkpoint_names_keys(tmp_path):
-    state = _build("pann-cnn14").model.state_dict()
-    assert len(state) == 84 and len(_build("pann-cnn14", variant="base").model.state_dict()) == 84
+    state = _shared("pann-cnn14").model.state_dict()
+    assert len(state) == 84 and len(_shared("pann-cnn14", variant="base").model.state_dict()) == 84
     path = tmp_path / "cnn14.pth"
     partial = {k: v for k, v in state.items() if k != "fc1.weight"}
     partial["fc2.weight"] = torch.zeros(1)
@@ -383,8 +403,8 @@ def test_pann_partial_or_wrong_checkpoint_names_keys(tmp_path):
 
 
 def test_pann_front_end_is_deterministic_and_not_random():
-    a = _build("pann-cnn14", random_init_seed=0).model.state_dict()
-    b = _build("pann-cnn14", random_init_seed=9).model.state_dict()
+    a = _shared("pann-cnn14", random_init_seed=0).model.state_dict()
+    b = _shared("pann-cnn14", random_init_seed=9).model.state_dict()
     for k in ("spectrogram_extractor.stft.conv_real.weight", "spectrogram_extractor.stft.conv_imag.weight",
               "logmel_extractor.melW"):
         assert torch.equal(a[k], b[k]), k
@@ -423,7 +443,7 @@ def test_mel_matrix_matches_hand_slaney_formula_and_has_unit_area():
 
 
 def test_stft_kernels_match_numpy_fft_of_hann_windowed_frames():
-    enc = _build("pann-cnn14")
+    enc = _shared("pann-cnn14")
     x = _audio(1, 32000, 0.25, seed=3)
     with torch.inference_mode():
         power = enc.model.spectrogram_extractor(x)[0].numpy()
@@ -439,7 +459,7 @@ def test_stft_kernels_match_numpy_fft_of_hann_windowed_frames():
 
 
 def test_pann_log_mel_is_10log10_with_floor():
-    enc = _build("pann-cnn14")
+    enc = _shared("pann-cnn14")
     with torch.inference_mode():
         silent = enc.model.logmel(torch.zeros(1, 3200))
         loud = enc.model.logmel(_audio(1, 32000, 0.1))
@@ -467,7 +487,7 @@ def test_vit_timm_safetensors_reproduces_outputs_and_ignores_head(tmp_path):
 
 def test_vit_wrong_checkpoint_names_keys(tmp_path):
     path = tmp_path / "pann.pth"
-    torch.save({"model": _build("pann-cnn14").model.state_dict()}, path)
+    torch.save({"model": _shared("pann-cnn14").model.state_dict()}, path)
     with pytest.raises(CheckpointError, match=r"missing keys \(e\.g\. .*blocks\.0\.attn") as err:
         _build("vit-b16", checkpoint=str(path))
     assert "unexpected keys (e.g. bn0.bias" in str(err.value)
