@@ -172,8 +172,10 @@ def protocols(classes: int) -> list[dict]:
     """Class-incremental protocols ``synth-<T>x<K>`` over ``classes`` synth classes.
 
     Class order is the class index; task ``t`` holds positions ``t*K .. t*K+K-1``
-    of ``classes``; memory is :data:`MEMORY_PER_CLASS` exemplars per class.
-    No ``splits`` key: every manifest row is used with its own split.
+    of ``classes``; the total memory is :data:`MEMORY_PER_CLASS` x ``classes``
+    exemplars (shared by the classes seen so far). No split lists: every manifest
+    row is used with its own split. Returns dicts in the protocol file format of
+    :mod:`avcl_core.protocols`.
     """
     names = class_names(classes)
     out = []
@@ -189,28 +191,21 @@ def protocols(classes: int) -> list[dict]:
             "provenance": (
                 f"avcl_core.synth with {classes} classes: class i has visual identity i//2 and "
                 f"audio identity (i+1)//2; class order = class index; {t} tasks of {k} classes; "
-                f"memory {MEMORY_PER_CLASS} exemplars per class"
+                f"memory {MEMORY_PER_CLASS * classes} exemplars in total ({MEMORY_PER_CLASS} per class once all "
+                f"classes are seen)"
             ),
             "derived": False,
         })
     return out
 
 
-def protocol_json(protocol: dict) -> str:
-    """The file text of one protocol (2-space indented JSON, trailing newline)."""
-    return json.dumps(protocol, indent=2, ensure_ascii=False) + "\n"
-
-
 def write_protocols(directory: str | Path, classes: int) -> list[Path]:
-    """Write every protocol of :func:`protocols` as ``<directory>/<name>.json``."""
+    """Write every protocol of :func:`protocols` as ``<directory>/<name>.json``, in the
+    layout of :func:`avcl_core.protocols.save_protocol` (the shipped files' layout)."""
+    from avcl_core.protocols import protocol_from_dict, save_protocol
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for p in protocols(classes):
-        path = directory / f"{p['name']}.json"
-        path.write_text(protocol_json(p), encoding="utf-8")
-        paths.append(path)
-    return paths
+    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in protocols(classes)]
 
 
 # -- splits -------------------------------------------------------------------------
@@ -486,8 +481,8 @@ def _write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, fps: float, ra
         vs.pix_fmt = "yuv420p"
         vs.thread_count = 1
         vs.options = {
-            "preset": "fast",
-            "crf": "16",
+            "preset": "veryfast",
+            "crf": "18",
             "threads": "1",
             "x264-params": "threads=1:lookahead-threads=1:asm=0",
         }

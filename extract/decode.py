@@ -183,7 +183,8 @@ def _read_video(path: Path, times: np.ndarray, start: float, limit_end: float):
         probed = _probe_reason(path)
         if probed is not None:
             raise _DecodeFailure(*probed) from None
-        raise _DecodeFailure(STATUS_UNREADABLE, f"{path}: cannot be read, truncated or corrupt ({_first_line(e)})") from None
+        raise _DecodeFailure(STATUS_UNREADABLE,
+                             f"{path}: cannot be read, truncated or corrupt ({_first_line(e)})") from None
     n = len(vr)
     if n == 0:
         raise _DecodeFailure(STATUS_EMPTY, f"{path}: the video stream has no frames")
@@ -230,7 +231,8 @@ def _read_image_folder(folder: Path, times: np.ndarray, start: float, end: float
                 raise _DecodeFailure(STATUS_UNREADABLE, f"{files[i]}: {_first_line(e)}") from None
         frames.append(cache[i])
     if len({f.shape for f in frames}) > 1:
-        raise _DecodeFailure(STATUS_UNREADABLE, f"{folder}: images of different sizes {sorted({f.shape for f in frames})}")
+        sizes = sorted({f.shape for f in frames})
+        raise _DecodeFailure(STATUS_UNREADABLE, f"{folder}: images of different sizes {sizes}")
     return np.stack(frames), folder_end
 
 
@@ -307,7 +309,8 @@ def decode_clip(
             try:
                 frames = resize_frames(raw, preprocess.image_size, preprocess.resize)
             except RuntimeError as e:  # e.g. a frame too small for the antialias kernel
-                raise _DecodeFailure(STATUS_UNREADABLE, f"{frames_dir or path}: resizing failed ({_first_line(e)})") from None
+                raise _DecodeFailure(STATUS_UNREADABLE,
+                                     f"{frames_dir or path}: resizing failed ({_first_line(e)})") from None
         if needs_audio:
             src = audio_path if audio_path is not None else path
             if src is None:

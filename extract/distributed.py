@@ -32,7 +32,7 @@ def connect(scheduler: str):
         try:
             n = int(scheduler.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"--scheduler {scheduler!r}: write local:N with N the number of worker processes") from None
+            raise ValueError(f"--scheduler {scheduler!r}: write local:N, N = number of worker processes") from None
         if n < 1:
             raise ValueError(f"--scheduler {scheduler!r}: need at least one worker")
         cluster = LocalCluster(n_workers=n, processes=True, threads_per_worker=1, dashboard_address=None)

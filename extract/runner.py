@@ -35,8 +35,9 @@ import os
 import signal
 import socket
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,8 +46,9 @@ import numpy as np
 import torch
 import zarr
 
-from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, FeatureStore, ShardFailure, StoreError,
-                             _pid_alive, compute_key, create_store, open_store, store_path, verify_store)
+from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, STATUS_UNREADABLE, FeatureStore,
+                             ShardFailure, StoreError, _pid_alive, compute_key, create_store, open_store, store_path,
+                             verify_store)
 from avcl_core.manifest import Manifest
 from extract.decode import DecodedClip, decode_row, quiet_decoder_logs
 from extract.encoders.base import FeatureEncoder
@@ -228,6 +230,52 @@ def decode_pool(workers: int) -> Executor | None:
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_decode_worker)
 
 
+class _Decoders:
+    """Decoding jobs on a pool of ``workers`` processes (None: in this process).
+
+    A decoder that crashes its process (a segfault on a corrupt file) breaks the
+    pool: the pool is replaced and every clip whose job was lost is decoded again
+    alone in a fresh process; the clip that crashes that one too is
+    ``STATUS_UNREADABLE`` and the run goes on.
+    """
+
+    def __init__(self, workers: int, root, preprocess):
+        self.workers, self.root, self.pp = workers, root, preprocess
+        self.pool = decode_pool(workers)
+
+    def submit(self, row: dict):
+        if self.pool is None:
+            return None
+        try:
+            return self.pool.submit(decode_row, row, self.root, self.pp)
+        except BrokenProcessPool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = decode_pool(self.workers)
+            return self.pool.submit(decode_row, row, self.root, self.pp)
+
+    def result(self, job, row: dict) -> DecodedClip:
+        if job is None:
+            return decode_row(row, self.root, self.pp)
+        try:
+            return job.result()
+        except BrokenProcessPool:
+            return self._isolated(row)
+
+    def _isolated(self, row: dict) -> DecodedClip:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=_init_decode_worker) as one:
+            try:
+                return one.submit(decode_row, row, self.root, self.pp).result()
+            except BrokenProcessPool:
+                what = row.get("video") or row.get("frames") or row.get("audio")
+                log.warning("decoder crashed on %s (%s)", row.get("sample_id"), what)
+                return DecodedClip(None, None, 0.0, STATUS_UNREADABLE,
+                                   f"{Path(self.root) / str(what)}: the decoder crashed on this file")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @contextlib.contextmanager
 def deterministic_torch(device: torch.device, threads: int | None):
     """Run with ``threads`` torch intra-op threads (restored afterwards).
@@ -313,13 +361,27 @@ def _flush_batch(buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.devic
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001
-                buf.fail(item[0], item[1], STATUS_ENCODE_ERROR, f"encoder {encoder.name}: {type(e).__name__}: {e}"[:300])
+                reason = f"encoder {encoder.name}: {type(e).__name__}: {e}"[:300]
+                buf.fail(item[0], item[1], STATUS_ENCODE_ERROR, reason)
     for items, feats in outs:
         for k, (j, _, clip) in enumerate(items):
             for name, arr in feats.items():
                 buf.features[name][j] = arr[k]
             buf.status[j] = STATUS_OK
             buf.valid_len[j] = clip.valid_len
+
+
+def clear_shard(store: FeatureStore, i: int) -> None:
+    """Delete shard ``i``'s stored objects of every row array.
+
+    Zarr reads an existing shard object before overwriting it, so a corrupt
+    leftover (a repair, a damaged disk) would make the rewrite fail; the shard is
+    being redone, so whatever is there is garbage."""
+    for name in [*store.streams, "status", "valid_len"]:
+        arr = store.group[name]
+        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+        with contextlib.suppress(FileNotFoundError):
+            (Path(store.path) / name / key).unlink()
 
 
 def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> ShardResult:
@@ -329,6 +391,7 @@ def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncode
         first = next(f.reason for f in buf.failures if f.code == STATUS_ENCODE_ERROR)
         raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
                            f"({buf.decoded_ok} clips); first error: {first}")
+    clear_shard(store, buf.shard)
     store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures)
     seconds = time.perf_counter() - buf.start
     log.info("shard %d written by pid %d: %d ok, %d failed (%.1f s)", buf.shard, os.getpid(), ok,
@@ -360,7 +423,7 @@ def run_shards(
     held: set[int] = set()
     results: list[ShardResult] = []
     window = max(2 * batch_size, 4 * workers, 1)
-    pool = decode_pool(workers)
+    decoders = _Decoders(workers, root, pp)
 
     def claimed() -> Iterator[int]:
         while True:
@@ -380,8 +443,7 @@ def run_shards(
         for i in claimed():
             rng = store.shard_rows(i)
             for r in range(rng.start, rng.stop):
-                job = pool.submit(decode_row, rows[r], root, pp) if pool is not None else None
-                queue.append((i, r, job))
+                queue.append((i, r, decoders.submit(rows[r])))
                 while len(queue) > window:
                     yield _resolve(queue.popleft())
         while queue:
@@ -389,7 +451,7 @@ def run_shards(
 
     def _resolve(item):
         i, r, job = item
-        return i, r, (job.result() if job is not None else decode_row(rows[r], root, pp))
+        return i, r, decoders.result(job, rows[r])
 
     buf: _ShardBuffer | None = None
     try:
@@ -414,8 +476,7 @@ def run_shards(
             results.append(_finish_shard(store, buf, encoder, device))
             held.discard(buf.shard)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        decoders.close()
         for i in held:  # a failure mid-shard: let another writer (or a rerun) take it
             store.release(i)
     return results

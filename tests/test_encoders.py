@@ -11,6 +11,7 @@ import functools
 import math
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from extract.encoders import ENCODERS, build_encoder
 from extract.encoders.base import CheckpointError, file_sha256
 from extract.encoders.dacvae import DACVAE_VARIANTS, DacVaeEncoder
-from extract.encoders.loading import seeded
+from extract.encoders.loading import compute_precision, seeded
 from extract.encoders.pann import dft_kernels, hz_to_mel, mel_to_hz, slaney_mel_matrix
 
 SECONDS = 1.0
@@ -160,6 +161,13 @@ def test_random_init_is_deterministic_per_seed(name):
         assert not torch.allclose(out_a[k], out_c[k]), k
 
 
+def test_cpu_runs_in_float32_and_amp_choice_is_checked():
+    assert _shared("vit-b16").key_material()["compute"] == "float32"  # autocast only on CUDA
+    assert compute_precision(torch.device("cuda"), "bfloat16") == "bfloat16-autocast"
+    with pytest.raises(ValueError, match="amp='bf16'"):
+        _build("vit-b16", amp="bf16")
+
+
 def test_random_init_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -169,24 +177,25 @@ def test_random_init_leaves_global_rng_alone():
 
 
 def test_key_material_tracks_variant_weights_and_options(tmp_path):
-    base = _build("vit-b16").key_material()
+    base = _shared("vit-b16").key_material()
     assert base["encoder"] == "vit-b16" and base["variant"] == "tiny"
     assert base["weights"] == "random-init:0"
     assert base["preprocess"]["image_size"] == 224 and base["preprocess"]["frames_per_clip"] == 2
+    pann_tiny = _shared("pann-cnn14").key_material()
+    assert _shared("pann-cnn14", variant="base").key_material()["variant"] == "base" != pann_tiny["variant"]
     changed = {
-        "variant": _build("vit-b16", variant="base").key_material(),
-        "seed": _build("vit-b16", random_init_seed=3).key_material(),
-        "frames": _build("vit-b16", frames_per_clip=4).key_material(),
-        "dense": _build("vit-b16", dense=False).key_material(),
+        "seed": _shared("vit-b16", random_init_seed=3).key_material(),
+        "frames": _shared("vit-b16", frames_per_clip=4).key_material(),
+        "dense": _shared("vit-b16", dense=False).key_material(),
     }
     for what, km in changed.items():
         assert km != base, what
-    sam = _build("sam-audio").key_material()
-    assert _build("sam-audio", dense_grid=1).key_material() != sam
-    assert _build("sam-audio", fps=4.0).key_material()["preprocess"]["fps"] == 4.0
+    sam = _shared("sam-audio").key_material()
+    assert _shared("sam-audio", dense_grid=1).key_material() != sam
+    assert _shared("sam-audio", fps=4.0).key_material()["preprocess"]["fps"] == 4.0
     # weights loaded from a file are identified by its hash
     path = tmp_path / "vit.safetensors"
-    save_file(_build("vit-b16").model.state_dict(), str(path))
+    save_file(_shared("vit-b16").model.state_dict(), str(path))
     loaded = _build("vit-b16", checkpoint=str(path))
     assert loaded.weights == f"sha256:{file_sha256(path)}"
     assert loaded.key_material()["weights"] != base["weights"]
@@ -273,8 +282,10 @@ def _weight_normed(module, form):
     module = copy.deepcopy(module)
     for m in module.modules():
         if isinstance(m, torch.nn.Conv1d):
-            if form == "old":
-                torch.nn.utils.weight_norm(m)
+            if form == "old":  # the deprecated form is the one upstream checkpoints were saved in
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch.nn.utils.weight_norm(m)
             else:
                 torch.nn.utils.parametrizations.weight_norm(m)
     return module.state_dict()

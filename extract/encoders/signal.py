@@ -17,26 +17,28 @@ Visual features (per frame, image ``x`` in [0, 1], S x S x 3 RGB). Per pixel:
 * texture ``|lap Y|`` (3 x 3 Laplacian) at full and at half resolution;
 * ``R, G, B``.
 
-These C = K + 4 + O + 5 maps are averaged over regions:
+These C = K + 4 + O + 5 maps are averaged over regions, giving C values per region
+in the order ``H_0..H_K-1 | A_0..A_3 | E_0..E_O-1 | |lap| | |lap half| | R G B``:
 
-* ``visual`` (T, Dv): the whole frame and each cell of a ``grid`` x ``grid`` grid
-  (C values each), plus the whole-frame colour-by-orientation histogram
-  ``J_ko = mean_pixels(H_k * E_o)`` (K*O values) that binds a colour to its shape;
-  ``Dv = C * (1 + grid**2) + K * O``.
+* ``visual`` (T, Dv) = the whole frame (C) | the cells of a ``grid`` x ``grid`` grid
+  (C x grid x grid, channel-major, cells row-major) | the whole-frame
+  colour-by-orientation histogram ``J_ko = mean_pixels(H_k * E_o)`` (K x O), which
+  binds a colour to its shape; ``Dv = C * (1 + grid**2) + K * O``.
 * ``visual_dense`` (T, P, C): each cell of a ``dense_grid`` x ``dense_grid`` grid
   (P = dense_grid**2, row-major), for segmentation heads.
 
-Audio features: power spectrogram (Hann window ``n_fft``, hop ``hop_length``,
-centred) → triangular mel filterbank (HTK mel scale, ``n_mels`` bands in
-[``fmin``, ``fmax``]) → ``log(mel + 1e-8)``; the STFT frames are cut into
+Audio features: power spectrogram ``|STFT|^2 / (sum(w) / 2)^2`` (Hann window ``w`` of
+``n_fft`` samples, hop ``hop_length``, centred, so a full-scale sine peaks near 1)
+→ triangular mel filterbank (HTK mel scale, ``n_mels`` bands in [``fmin``,
+``fmax``], default fmax = audio_rate / 2) → ``log(mel + 1e-8)``. Of the
+``F = L // hop_length + 1`` frames, the first ``Ta * (F // Ta)`` are cut into
 ``Ta = round(clip_seconds / window_seconds)`` equal windows, and ``audio``
-(Ta, 2 * n_mels) holds each window's per-band mean and standard deviation.
+(Ta, 2 * n_mels) holds each window's per-band mean and standard deviation
+(population std).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,20 @@ def _soft_hist(x: torch.Tensor, n: int, weight: torch.Tensor, circular: bool) ->
     return out.scatter_add_(1, hi.unsqueeze(1), (weight * frac).unsqueeze(1))
 
 
+def _int(key: str, val, low: int) -> int:
+    if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)) or int(val) != val \
+            or val < low:
+        raise ValueError(f"signal encoder: {key} must be an integer >= {low}, got {val!r}")
+    return int(val)
+
+
+def _positive(key: str, val, allow_zero: bool = False) -> float:
+    if isinstance(val, bool) or not isinstance(val, (int, float, np.integer, np.floating)) \
+            or not (val >= 0 if allow_zero else val > 0):
+        raise ValueError(f"signal encoder: {key} must be a number {'>=' if allow_zero else '>'} 0, got {val!r}")
+    return float(val)
+
+
 class SignalEncoder(FeatureEncoder):
     """Weight-free colour/shape/texture + log-mel statistics (see the module docstring).
 
@@ -127,17 +143,16 @@ class SignalEncoder(FeatureEncoder):
     ) -> None:
         super().__init__()
         self.weights = "none"
-        if frames_per_clip < 0 or audio_rate < 0 or (frames_per_clip == 0 and audio_rate == 0):
-            raise ValueError(
-                "signal encoder: need frames_per_clip >= 0 and audio_rate >= 0, not both 0; "
-                f"got frames_per_clip={frames_per_clip}, audio_rate={audio_rate}"
-            )
-        for key, val in (("image_size", image_size), ("grid", grid), ("dense_grid", dense_grid),
-                         ("hue_bins", hue_bins), ("orientation_bins", orientation_bins), ("n_mels", n_mels),
-                         ("n_fft", n_fft), ("hop_length", hop_length)):
-            if int(val) != val or val < 1:
-                raise ValueError(f"signal encoder: {key} must be a positive integer, got {val!r}")
-        if dense_grid > image_size or grid > image_size:
+        frames_per_clip, audio_rate = _int("frames_per_clip", frames_per_clip, 0), _int("audio_rate", audio_rate, 0)
+        if frames_per_clip == 0 and audio_rate == 0:
+            raise ValueError("signal encoder: frames_per_clip and audio_rate are both 0: nothing to encode")
+        image_size, grid, dense_grid = (_int(k, v, 1) for k, v in
+                                        (("image_size", image_size), ("grid", grid), ("dense_grid", dense_grid)))
+        hue_bins, orientation_bins = _int("hue_bins", hue_bins, 1), _int("orientation_bins", orientation_bins, 1)
+        n_mels, n_fft, hop_length = (_int(k, v, 1) for k, v in
+                                     (("n_mels", n_mels), ("n_fft", n_fft), ("hop_length", hop_length)))
+        clip_seconds, window_seconds = _positive("clip_seconds", clip_seconds), _positive("window_seconds", window_seconds)
+        if max(grid, dense_grid) > image_size:
             raise ValueError(f"signal encoder: grid {grid} / dense_grid {dense_grid} exceed image_size {image_size}")
         self.preprocess = Preprocess(
             clip_seconds=float(clip_seconds),
@@ -148,11 +163,14 @@ class SignalEncoder(FeatureEncoder):
         self.grid, self.dense_grid = int(grid), int(dense_grid)
         self.hue_bins, self.orientation_bins = int(hue_bins), int(orientation_bins)
         self.n_mels, self.n_fft, self.hop_length = int(n_mels), int(n_fft), int(hop_length)
-        self.fmin = float(fmin)
-        self.fmax = float(fmax) if fmax is not None else (audio_rate / 2.0 if audio_rate else 0.0)
+        self.fmin = _positive("fmin", fmin, allow_zero=True)
+        self.fmax = _positive("fmax", fmax) if fmax is not None else audio_rate / 2.0
         self.window_seconds = float(window_seconds)
         if audio_rate:
             self.audio_windows = max(1, round(clip_seconds / window_seconds))
+            if self.preprocess.num_samples <= n_fft // 2:
+                raise ValueError(f"signal encoder: a clip of {self.preprocess.num_samples} samples is too short "
+                                 f"for n_fft {n_fft} (needs more than n_fft / 2)")
             frames = self.preprocess.num_samples // self.hop_length + 1
             if frames < self.audio_windows:
                 raise ValueError(
@@ -297,26 +315,35 @@ class SignalEncoder(FeatureEncoder):
         return torch.cat([chunks.mean(2), chunks.std(2, unbiased=False)], -1)
 
 
-_OPTIONS = {
-    "clip_seconds": float, "frames_per_clip": int, "image_size": int, "audio_rate": int, "grid": int,
-    "dense_grid": int, "hue_bins": int, "orientation_bins": int, "n_mels": int, "n_fft": int,
-    "hop_length": int, "fmin": float, "fmax": float, "window_seconds": float,
-}
+def build(
+    variant: str = "v1",
+    device: str = "cpu",
+    clip_seconds: float = 2.0,
+    frames_per_clip: int = 8,
+    image_size: int = 64,
+    audio_rate: int = 16000,
+    grid: int = 2,
+    dense_grid: int = 8,
+    hue_bins: int = 12,
+    orientation_bins: int = 8,
+    n_mels: int = 64,
+    n_fft: int = 1024,
+    hop_length: int = 160,
+    fmin: float = 60.0,
+    fmax: float | None = None,
+    window_seconds: float = 0.25,
+) -> SignalEncoder:
+    """Registry hook: the frozen ``signal`` encoder (no weights; ``variant`` must be ``"v1"``).
 
-
-def build(**options: Any) -> SignalEncoder:
-    """Registry hook: a :class:`SignalEncoder` from keyword options (strings from a
-    command line are converted to the option's type). Unknown options are an error."""
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"signal encoder: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}")
-    kwargs = {}
-    for key, val in options.items():
-        if val is None:
-            kwargs[key] = None
-            continue
-        try:
-            kwargs[key] = _OPTIONS[key](val)
-        except (TypeError, ValueError):
-            raise ValueError(f"signal encoder: option {key}={val!r} is not a {_OPTIONS[key].__name__}") from None
-    return SignalEncoder(**kwargs)
+    Example: ``build(frames_per_clip=4, image_size=32).streams()`` →
+    ``{"visual": (4, 241), "visual_dense": (4, 64, 29), "audio": (8, 128)}``.
+    An unknown keyword is a ``TypeError`` (Python's own, naming it).
+    """
+    if variant != SignalEncoder.variant:
+        raise ValueError(f"signal encoder: unknown variant {variant!r}; the only one is {SignalEncoder.variant!r}")
+    enc = SignalEncoder(
+        clip_seconds=clip_seconds, frames_per_clip=frames_per_clip, image_size=image_size, audio_rate=audio_rate,
+        grid=grid, dense_grid=dense_grid, hue_bins=hue_bins, orientation_bins=orientation_bins, n_mels=n_mels,
+        n_fft=n_fft, hop_length=hop_length, fmin=fmin, fmax=fmax, window_seconds=window_seconds,
+    )
+    return enc.to(device).freeze()
