@@ -357,7 +357,7 @@ def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_
         else:
             dis_vis = None
         distractor = _make_object(rng, dis_vis, c_dis)
-    on_top = rng.random() < 0.5  # which object is drawn last
+    object_on_top = rng.random() < 0.5
 
     # Background: low-saturation tinted vertical gradient, fresh pixel noise per frame.
     base = rng.uniform(0.12, 0.35)
@@ -376,9 +376,9 @@ def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_
         layers = [(a_obj, rgb_obj, True)]
         if distractor is not None:
             a_dis, rgb_dis = _draw(distractor, ts, xx, yy, size)
-            layers.insert(0 if on_top else 1, (a_dis, rgb_dis, False))
+            layers.insert(0 if object_on_top else 1, (a_dis, rgb_dis, False))
         visible = np.zeros((size, size), bool)
-        for alpha, rgb, sounding in layers:
+        for alpha, rgb, sounding in layers:  # back to front; the mask keeps what stays visible
             img = img * (1 - alpha[..., None]) + rgb * alpha[..., None]
             inside = alpha >= 0.5
             visible = inside if sounding else (visible & ~inside)
@@ -390,7 +390,6 @@ def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_
 
 # -- rendering: sounds ------------------------------------------------------------
 _RHYTHM_EVENTS = {  # (onset, duration) in seconds within a 1-second cycle
-    "steady": ((0.0, 1.0),),
     "beat2": ((0.0, 0.25), (0.5, 0.25)),
     "beat4": ((0.0, 0.12), (0.25, 0.12), (0.5, 0.12), (0.75, 0.12)),
     "longshort": ((0.0, 0.45), (0.6, 0.15)),
@@ -405,26 +404,24 @@ _PARTIALS = {  # (frequency ratio, amplitude)
 
 
 def _envelope(rhythm: str, timbre: str, t: np.ndarray, offset: float) -> np.ndarray:
-    """Amplitude envelope (L,) of the rhythm pattern shifted by ``offset`` seconds."""
+    """Amplitude envelope (L,) of the rhythm pattern shifted by ``offset`` seconds:
+    each note has a 5 ms attack and an 8 ms release (bell notes also decay, tau 0.25 s);
+    ``steady`` is one note held throughout."""
+    if rhythm == "steady":
+        return np.ones_like(t)
     env = np.zeros_like(t)
-    cycles = range(-1, int(math.ceil(t[-1] if len(t) else 0)) + 1)
-    for k in cycles:
+    for k in range(-1, int(math.ceil(t[-1])) + 1):  # 1-second cycles covering the clip
         for on, dur in _RHYTHM_EVENTS[rhythm]:
-            start = k + on + offset
-            if rhythm == "steady":
-                start, dur = -1.0, t[-1] + 2.0 if len(t) else 0.0
-            rel = t - start
+            rel = t - (k + on + offset)
             inside = (rel >= 0) & (rel < dur + 0.03)
             if not inside.any():
                 continue
             r = rel[inside]
-            e = np.minimum(1.0, r / 0.005)  # 5 ms attack
-            e *= np.where(r > dur, np.exp(-(r - dur) / 0.008), 1.0)  # short release
+            e = np.minimum(1.0, r / 0.005)
+            e *= np.where(r > dur, np.exp(-(r - dur) / 0.008), 1.0)
             if timbre == "bell":
                 e *= np.exp(-r / 0.25)
             env[inside] = np.maximum(env[inside], e)
-        if rhythm == "steady":
-            break
     return env
 
 

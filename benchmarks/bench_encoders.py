@@ -86,7 +86,7 @@ def main(argv=None) -> list[str]:
             print(f"{name:11s} {variant:5s} {r}", flush=True)
 
     lines = [
-        f"| encoder | variant | s / clip | clips / s | base ÷ tiny | notes |",
+        "| encoder | variant | s / clip | clips / s | base ÷ tiny | notes |",
         "|---|---|---|---|---|---|",
     ]
     for (name, variant), r in results.items():

@@ -22,7 +22,8 @@ from extract.encoders import ENCODERS, build_encoder
 from extract.encoders.base import CheckpointError, file_sha256
 from extract.encoders.dacvae import DACVAE_VARIANTS, DacVaeEncoder
 from extract.encoders.loading import compute_precision, seeded
-from extract.encoders.pann import dft_kernels, hz_to_mel, mel_to_hz, slaney_mel_matrix
+from extract.encoders.pann import VARIANTS as PANN_VARIANTS
+from extract.encoders.pann import Cnn14, dft_kernels, hz_to_mel, mel_to_hz, slaney_mel_matrix
 
 SECONDS = 1.0
 
@@ -181,8 +182,8 @@ def test_key_material_tracks_variant_weights_and_options(tmp_path):
     assert base["encoder"] == "vit-b16" and base["variant"] == "tiny"
     assert base["weights"] == "random-init:0"
     assert base["preprocess"]["image_size"] == 224 and base["preprocess"]["frames_per_clip"] == 2
-    pann_tiny = _shared("pann-cnn14").key_material()
-    assert _shared("pann-cnn14", variant="base").key_material()["variant"] == "base" != pann_tiny["variant"]
+    codec = dict(frames_per_clip=0, clip_seconds=0.2)  # the base codec alone is cheap to build
+    assert _shared("sam-audio", variant="base", **codec).key_material() != _shared("sam-audio", **codec).key_material()
     changed = {
         "seed": _shared("vit-b16", random_init_seed=3).key_material(),
         "frames": _shared("vit-b16", frames_per_clip=4).key_material(),
@@ -331,6 +332,9 @@ def test_sam_audio_partial_or_foreign_checkpoint_names_keys(tmp_path):
     assert "encoder.block.6.weight_v" in str(err.value) and str(path) in str(err.value)
     with pytest.raises(CheckpointError, match=r"unexpected.*blocks\.99\.norm1\.weight"):
         _build("sam-audio", checkpoint=str(path), audio=False)
+    _sam_audio_checkpoint(src, path)  # tiny weights into the base codec
+    with pytest.raises(CheckpointError, match=r"encoder\.block\.0\.weight \(4, 1, 7\) != \(64, 1, 7\)"):
+        _build("sam-audio", variant="base", frames_per_clip=0, checkpoint=str(path))
     torch.save({"model.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="audio_codec.encoder"):
         _build("sam-audio", checkpoint=str(path))
@@ -401,16 +405,21 @@ def test_pann_file_with_arbitrary_objects_needs_explicit_trust(tmp_path):
 
 def test_pann_partial_or_wrong_checkpoint_names_keys(tmp_path):
     state = _shared("pann-cnn14").model.state_dict()
-    assert len(state) == 84 and len(_shared("pann-cnn14", variant="base").model.state_dict()) == 84
+    with torch.device("meta"):  # shapes only: the full model's key set, without its 80 M weights
+        base = Cnn14(PANN_VARIANTS["base"]).state_dict()
+    assert len(state) == 84 and sorted(base) == sorted(state)
+    assert base["fc1.weight"].shape == (2048, 2048) and base["conv_block6.conv2.weight"].shape == (2048, 2048, 3, 3)
     path = tmp_path / "cnn14.pth"
     partial = {k: v for k, v in state.items() if k != "fc1.weight"}
     partial["fc2.weight"] = torch.zeros(1)
     torch.save({"model": partial}, path)
-    with pytest.raises(CheckpointError, match=r"missing keys \(e\.g\. fc1\.weight\).*unexpected keys \(e\.g\. fc2\.weight\)"):
+    names = r"missing keys \(e\.g\. fc1\.weight\).*unexpected keys \(e\.g\. fc2\.weight\)"
+    with pytest.raises(CheckpointError, match=names):
         _build("pann-cnn14", checkpoint=str(path))
-    torch.save({"model": state}, path)  # tiny weights into the base model
-    with pytest.raises(CheckpointError, match=r"conv_block1\.conv1\.weight \(4, 1, 3, 3\) != \(64, 1, 3, 3\)"):
-        _build("pann-cnn14", variant="base", checkpoint=str(path))
+    wrong = dict(state, **{"conv_block1.conv1.weight": torch.zeros(64, 1, 3, 3)})  # a base-sized tensor
+    torch.save({"model": wrong}, path)
+    with pytest.raises(CheckpointError, match=r"conv_block1\.conv1\.weight \(64, 1, 3, 3\) != \(4, 1, 3, 3\)"):
+        _build("pann-cnn14", checkpoint=str(path))
 
 
 def test_pann_front_end_is_deterministic_and_not_random():

@@ -148,10 +148,24 @@ def test_encoder_errors_are_isolated_per_clip(avcl_media_dir, tmp_path):
     assert "synthetic encoder failure" in s.examples[0].reason and s.examples[0].sample_id == "ok"
 
 
+def test_shard_held_by_a_live_writer_is_left_to_it(avcl_media_dir, tmp_path):
+    m = _rows(["ok.mp4", "ok2.mp4", "short.mp4", "noaudio.mp4"], avcl_media_dir)
+    enc = TinyEncoder()
+    store = prepare_store(m, enc, tmp_path, rows_per_shard=2)
+    assert store.claim(1)  # another live writer (this process) holds shard 1
+    s = extract(m, avcl_media_dir, enc, tmp_path, workers=0, progress=False)
+    assert not s.complete and s.waiting == [1] and s.shards_written == [0]
+    assert "still held by other writers" in s.format() and "status  building" in s.format()
+    assert C.open_store(s.store, allow_incomplete=True).status == "building"
+    store.release(1)
+    s = extract(m, avcl_media_dir, enc, tmp_path, workers=0, progress=False)
+    assert s.complete and s.shards_written == [1] and s.skipped_shards == 1 and s.skipped_rows == 2
+
+
 def _crashing_decode(row, root, preprocess):
-    """decode_row that kills its process (like a decoder segfault) on sample ``text``."""
+    """decode_row that kills its process (as a decoder segfault would) on sample ``text``."""
     if row["sample_id"] == "text":
-        os.kill(os.getpid(), signal.SIGSEGV)
+        os.kill(os.getpid(), signal.SIGKILL)
     from extract.decode import decode_row
 
     return decode_row(row, root, preprocess)
@@ -210,6 +224,19 @@ def test_cli_signal_store_contract_and_rerun(avcl_synth_root, tmp_path):
     limited = CliRunner().invoke(cli, args + ["--limit", "5"])
     assert limited.exit_code == 0 and "ok      5" in limited.output
     assert len(C.find_stores(tmp_path)) == 2  # another manifest, another key
+
+
+def test_cli_own_manifest_with_bad_clips(avcl_media_dir, tmp_path):
+    path = _rows(["ok.mp4", "noaudio.mp4", "missing.mp4", "truncated.mp4"], avcl_media_dir).save(tmp_path / "m.jsonl")
+    res = CliRunner().invoke(cli, ["--manifest", str(path), "--root", str(avcl_media_dir), "--encoder", "signal",
+                                   *SIGNAL_ARGS, "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+                                   "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "ok      1" in res.output and "failed  3 (missing-file 1, unreadable 1, no-audio-track 1)" in res.output
+    for sid in ("noaudio", "missing", "truncated"):
+        assert f"e.g. {sid} [" in res.output
+    st = C.open_store(_only_store(tmp_path / "cache"))
+    assert st.dataset == "media" and st.attrs["extract"]["manifest"] == str(path.resolve())
 
 
 def test_cli_errors_name_the_problem(avcl_synth_root, tmp_path):

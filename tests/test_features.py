@@ -9,6 +9,7 @@ import torch
 
 from avcl_core import cache as C
 from avcl_core.manifest import Manifest
+from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from train_fixtures import gaussian_features, make_toy, toy_manifest, write_store
 from train.features import FeatureSet, FeatureSetError
 

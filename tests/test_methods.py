@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from avcl_core.protocols import load_protocol
+from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from train_fixtures import make_toy
 from train.features import FeatureSet
 from train.heads.base import OptionError

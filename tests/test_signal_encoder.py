@@ -249,6 +249,12 @@ def finetune_matrix(x, y, train, test, tasks, steps=200) -> np.ndarray:
     return acc
 
 
+def _average_forgetting(acc: np.ndarray) -> float:
+    """Mean over tasks k < T-1 of (best accuracy on k before the last task) - (its final accuracy)."""
+    t = acc.shape[0]
+    return float(np.mean([acc[k:t - 1, k].max() - acc[t - 1, k] for k in range(t - 1)]))
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Tiny full-batch problems: one thread is faster than two on a loaded machine."""
@@ -268,7 +274,8 @@ def _codesign(root, enc, clips_per_class):
         acc = {k: probe_accuracy(x, y, train, test) for k, x in feats.items()}
         forget = finetune_matrix(feats["av"], y, train, test, tasks)
     print(f"\nsynth 12 x {clips_per_class}: linear probe test accuracy", {k: round(v, 3) for k, v in acc.items()})
-    print("fine-tuning accuracy matrix A[t, k] (synth-4x3):\n", np.round(forget, 2))
+    print(f"fine-tuning accuracy matrix A[t, k] (synth-4x3), average forgetting "
+          f"{_average_forgetting(forget):.2f}:\n", np.round(forget, 2))
     return acc, forget
 
 
@@ -284,7 +291,7 @@ def test_fusion_beats_each_modality_on_a_small_render(small_synth):
     acc, forget = _codesign(small_synth, build(clip_seconds=1.0), 10)
     assert acc["av"] >= 0.8
     assert acc["audio"] <= acc["av"] - 0.15 and acc["visual"] <= acc["av"] - 0.15
-    assert forget[0, 0] >= 0.8 and forget[-1, 0] <= forget[0, 0] - 0.5  # the first task is forgotten
+    assert forget[0, 0] >= 0.8 and _average_forgetting(forget) >= 0.3
 
 
 @pytest.mark.slow
@@ -294,4 +301,4 @@ def test_fusion_beats_each_modality_on_the_default_render(tmp_path):
     acc, forget = _codesign(tmp_path, build(), 20)
     assert acc["av"] >= 0.9
     assert acc["audio"] <= acc["av"] - 0.15 and acc["visual"] <= acc["av"] - 0.15
-    assert forget[0, 0] >= 0.9 and forget[-1, 0] <= forget[0, 0] - 0.5
+    assert forget[0, 0] >= 0.9 and _average_forgetting(forget) >= 0.3

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from avcl_core import cache as C
 from avcl_core.manifest import Manifest
@@ -126,3 +128,12 @@ def make_toy(root: str | Path, n_classes: int = 6, classes_per_task: int = 2, pe
     memory = 2 * n_classes if memory is None else memory
     proto = write_protocol(root, name, n_classes, classes_per_task, memory)
     return ToyData(store, manifest, proto, name, {k: v.astype(np.float16) for k, v in feats.items()})
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and the test machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -122,8 +122,9 @@ def _split_list(values: Sequence[str] | None) -> list[str]:
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     from avcl_core.protocols import ProtocolError
     from train.heads import head_names
-    from train.methods import method_names
-    from train.methods.presets import load_preset, resolve_options
+    from train.heads.base import OptionError
+    from train.methods import method_class, method_names
+    from train.methods.presets import load_preset, resolve_options, split_overrides
 
     methods = _split_list(args.method)
     bad = [m for m in methods if m not in method_names()]
@@ -163,9 +164,18 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
         proto = protocol_name(specs[0])
     except ProtocolError as e:
         raise CliError(str(e)) from None
+    from train.heads.base import head_class, option_names
+
+    _, head_keys = split_overrides(dict(overrides))
     for m in methods:
+        used = [h or method_class(m).default_head for h in heads]
+        valid = {k for h in used for k in option_names(head_class(h).Config)}
+        bad = sorted(set(head_keys) - valid)
+        if bad:
+            raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; valid head keys for "
+                              f"{', '.join(used)}: {', '.join('head.' + k for k in sorted(valid))}")
         for h in heads:
-            resolve_options(m, h, args.preset, proto, dict(overrides), args.epochs)
+            resolve_options(m, h, args.preset, proto, dict(overrides), args.epochs, strict_head=False)
     return specs
 
 

@@ -61,7 +61,8 @@ class RunSpec:
     device: str = "auto"
     force: bool = False
     resume: bool = False
-    threads: int = 0
+    threads: int = 0  # torch threads; 0 = auto_threads
+    parallel: int = 1  # runs sharing this machine's cores at once
     verbose: bool = False
 
 
@@ -179,14 +180,30 @@ def _configure_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+WORK_PER_THREAD = 2_000_000
+
+
+def auto_threads(fs, hp, head_cfg, parallel: int = 1) -> int:
+    """torch threads for one run: one per ``WORK_PER_THREAD`` units of per-step work, at most
+    cores // parallel runs.
+
+    Work = samples per step x tokens per sample x head width. Small heads (the
+    synth demo: ~1e5) run fastest on one thread, where thread synchronisation
+    would cost more than it saves; real features (~1e7 and up) use every core.
+    """
+    tokens = sum(t for t, _ in fs.dims.values())
+    width = getattr(head_cfg, "d_model", 256)
+    work = (hp.batch_size + hp.exemplar_batch_size) * tokens * width
+    cores = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    return int(min(cores, max(1, work // WORK_PER_THREAD)))
+
+
 # -- the unit of work ------------------------------------------------------------------
 def run_one(spec: RunSpec) -> dict:
     """Train one (method, head, seed) run; never raises (see the module docstring)."""
     import torch
 
     _configure_logging(spec.verbose)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     result: dict[str, Any] = {"method": spec.method, "head": spec.head, "seed": spec.seed, "status": "failed",
                               "run_dir": None, "protocol": spec.protocol}
     rdir: Path | None = None
@@ -205,8 +222,9 @@ def run_one(spec: RunSpec) -> dict:
         if spec.memory is not None and spec.class_order is None:
             protocol = dataclasses.replace(protocol, memory=int(spec.memory), memory_per_class=0)
         hp, head, head_cfg = resolve_options(spec.method, spec.head, spec.preset, protocol.name,
-                                             dict(spec.overrides), spec.epochs)
+                                             dict(spec.overrides), spec.epochs, strict_head=False)
         result["head"] = head
+        torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
         cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
         cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
         if met_path.is_file() and not spec.force:
@@ -259,10 +277,6 @@ def _read_json(path: Path) -> dict:
 
 
 # -- executors -------------------------------------------------------------------------------
-def _threads_for(parallel: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, parallel))
-
-
 def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int = 1) -> list[dict]:
     """Run every spec; results in spec order. See the module docstring for the executors."""
     specs = list(dict.fromkeys(specs))  # each run directory is written by exactly one task
@@ -273,8 +287,7 @@ def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int 
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    threads = _threads_for(min(jobs, len(specs)))
-    specs = [s if s.threads else dataclasses.replace(s, threads=threads) for s in specs]
+    specs = [dataclasses.replace(s, parallel=min(jobs, len(specs))) for s in specs]
     out: list[dict] = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as ex:
         futures = [ex.submit(run_one, s) for s in specs]
@@ -308,12 +321,12 @@ def _run_dask(specs: list[RunSpec], scheduler: str) -> list[dict]:
         n = int(scheduler.split(":", 1)[1]) if ":" in scheduler else (os.cpu_count() or 1)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
-        threads = _threads_for(n)
+        parallel = n
     else:
         client = Client(scheduler)
-        threads = 0
+        parallel = 1  # remote workers: each machine's own cores
     try:
-        specs2 = [s if s.threads or not threads else dataclasses.replace(s, threads=threads) for s in specs]
+        specs2 = [dataclasses.replace(s, parallel=parallel) for s in specs]
         futures = client.map(run_one, specs2, pure=False)
         return [_collect(s, f.result, ()) for s, f in zip(specs, futures)]
     finally:

@@ -12,6 +12,7 @@ import typing
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -184,6 +185,32 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al.): softmax(Q K^T / sqrt(d_h)) V per head, heads concatenated.
+
+    Q = q W_q, [K, V] = kv W_kv (fused), output projection W_o; q (B, Tq, d),
+    kv (B, Tk, d) -> (B, Tq, d). Uses ``scaled_dot_product_attention``, which
+    is markedly faster on CPU than ``nn.MultiheadAttention``'s training path.
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if d % heads:
+            raise HeadError(f"d_model={d} is not divisible by n_heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        B, Tq, d = q.shape
+        Tk, h = kv.shape[1], self.heads
+        Q = self.q(q).view(B, Tq, h, d // h).transpose(1, 2)
+        K, V = self.kv(kv).view(B, Tk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(Q, K, V, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(B, Tq, d))
+
+
 class AttentionBlock(nn.Module):
     """Post-norm transformer block with queries ``q`` and keys/values ``kv``.
 
@@ -194,9 +221,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float) -> None:
         super().__init__()
-        if d % heads:
-            raise HeadError(f"d_model={d} is not divisible by n_heads={heads}")
-        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.attn = MultiHeadAttention(d, heads, dropout)
         self.norm1 = nn.LayerNorm(d)
         self.ffn = FeedForward(d, ffn_mult, dropout)
         self.norm2 = nn.LayerNorm(d)
@@ -204,5 +229,5 @@ class AttentionBlock(nn.Module):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
         kv = q if kv is None else kv
-        h = self.norm1(q + self.drop(self.attn(q, kv, kv, need_weights=False)[0]))
+        h = self.norm1(q + self.drop(self.attn(q, kv)))
         return self.norm2(h + self.drop(self.ffn(h)))

@@ -86,8 +86,13 @@ def resolve_options(
     protocol: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     epochs: int | None = None,
+    strict_head: bool = True,
 ) -> tuple[Any, str, Any]:
-    """(method hyper-parameters, head name, head config) of one run; see the module docstring."""
+    """(method hyper-parameters, head name, head config) of one run; see the module docstring.
+
+    With ``strict_head=False``, ``head.`` keys this head does not have are ignored
+    (a sweep over several heads validates them against all its heads instead).
+    """
     cls = method_class(method)
     p = load_preset(preset) if not isinstance(preset, Mapping) else dict(preset)
     where = p.get("_path", "preset")
@@ -100,7 +105,9 @@ def resolve_options(
     if bad:
         raise OptionError(f"--set: unknown key(s) {', '.join(bad)}; {valid_msg}")
     bad = sorted(set(h_over) - set(option_names(hcls.Config)))
-    if bad:
+    if bad and not strict_head:
+        h_over = {k: v for k, v in h_over.items() if k not in bad}
+    elif bad:
         raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; {valid_msg}")
 
     base_keys = set(option_names(Hparams))
