@@ -35,6 +35,7 @@ import platform
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -46,6 +47,8 @@ import zarr.codecs as zc
 from .manifest import Manifest, canonical_hash
 
 SCHEMA_VERSION = 1
+# The store directory also holds `_shards/` and `manifest.jsonl`, which zarr does not know.
+warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 TARGET_SHARD_BYTES = 24 << 20
 TARGET_CHUNK_BYTES = 2 << 20
 SHARDS_DIR = "_shards"

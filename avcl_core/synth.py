@@ -8,9 +8,12 @@ Every class ``i`` pairs a *visual identity* with an *audio identity*::
 so no single modality tells every class apart while the pair (visual_id,
 audio_id) is unique per class: with 12 classes a perfect visual-only model
 reaches 6/12 and a perfect audio-only model 7/12 (classes 0 and 11 have their
-own sound), an audio-visual model 12/12. A class-incremental stream over these
-classes (class order = class index) puts look-alikes and sound-alikes both
-inside and across tasks, so a model that only fine-tunes forgets visibly.
+own sound), an audio-visual model 12/12. The shipped class-incremental
+protocols deal the classes round-robin into tasks (:func:`task_classes`), so no
+two classes of one task share a look or a sound, while every class has a
+look-alike or sound-alike in another task: each task can be learnt from
+one modality alone, and that shortcut is what a later task contradicts, so a
+model that only fine-tunes forgets visibly.
 
 A visual identity ``v`` is a colour (``v mod 6``), shape (``v mod 7``),
 texture (``v mod 4``) and motion (``v mod 5``); an audio identity ``a`` is a
@@ -28,8 +31,8 @@ says nothing about which of the two a clip is; on its own, the picture cannot
 tell which of two coloured objects is sounding, which lowers visual-only
 accuracy further (about 0.35 for 12 classes with the ``signal`` encoder).
 The background is a noisy low-saturation gradient; the sound is the class's
-note pattern (pitch jittered by up to 1 %, random rhythm phase) plus pink-ish
-noise at 8-20 dB SNR and, in half the clips, a faint frequency sweep.
+note pattern (pitch jittered by up to 1 %, random rhythm phase) plus
+pink noise at 8-20 dB SNR and, in half the clips, a faint frequency sweep.
 
 Files under the output root ``out``:
 
@@ -168,35 +171,49 @@ def protocol_shapes(classes: int) -> list[tuple[int, int]]:
     return shapes or [(1, classes)]
 
 
+def task_classes(classes: int, tasks: int) -> list[list[int]]:
+    """Class indices of each task when ``classes`` classes are dealt round-robin into
+    ``tasks`` tasks: task ``t`` holds the classes ``i`` with ``i mod tasks == t``.
+
+    With ``tasks >= 2``, classes ``i`` and ``i + 1`` (which share a visual or an audio
+    identity) always land in different tasks, and no two classes of a task share one.
+    """
+    return [list(range(t, classes, tasks)) for t in range(tasks)]
+
+
 def protocols(classes: int) -> list[dict]:
     """Class-incremental protocols ``synth-<T>x<K>`` over ``classes`` synth classes.
 
-    Class order is the class index; task ``t`` holds positions ``t*K .. t*K+K-1``
-    of ``classes``; the total memory is :data:`MEMORY_PER_CLASS` x ``classes``
+    The class list is the concatenation of :func:`task_classes` (e.g. for 4 x 3:
+    c00, c04, c08, c01, c05, c09, ...) and task ``t`` holds its positions
+    ``t*K .. t*K+K-1``; the total memory is :data:`MEMORY_PER_CLASS` x ``classes``
     exemplars (shared by the classes seen so far). No split lists: every manifest
     row is used with its own split. Returns dicts in the protocol file format of
     :mod:`avcl_core.protocols`.
     """
-    names = class_names(classes)
     out = []
     for t, k in protocol_shapes(classes):
+        order = [i for task in task_classes(classes, t) for i in task]
         out.append({
             "name": f"synth-{t}x{k}",
             "dataset": DATASET,
-            "classes": names,
+            "classes": [class_name(i) for i in order],
             "tasks": [list(range(j * k, (j + 1) * k)) for j in range(t)],
             "setting": "CIL",
             "memory": MEMORY_PER_CLASS * classes,
             "kind": "classification",
-            "provenance": (
-                f"avcl_core.synth with {classes} classes: class i has visual identity i//2 and "
-                f"audio identity (i+1)//2; class order = class index; {t} tasks of {k} classes; "
-                f"memory {MEMORY_PER_CLASS * classes} exemplars in total ({MEMORY_PER_CLASS} per class once all "
-                f"classes are seen)"
-            ),
+            "provenance": _provenance(classes, t, k),
             "derived": False,
         })
     return out
+
+
+def _provenance(classes: int, t: int, k: int) -> str:
+    deal = (f"{t} tasks of {k} classes dealt round-robin (task j holds the classes i with i mod {t} == j), "
+            "so no task holds two classes that share a look or a sound" if t > 1 else "a single task")
+    return (f"avcl_core.synth with {classes} classes: class i has visual identity i//2 and audio identity "
+            f"(i+1)//2; {deal}; memory {MEMORY_PER_CLASS * classes} exemplars in total ({MEMORY_PER_CLASS} "
+            "per class once all classes are seen)")
 
 
 def write_protocols(directory: str | Path, classes: int) -> list[Path]:
@@ -441,10 +458,10 @@ def _render_audio(rng: np.random.Generator, i: int, rate: int, n: int) -> np.nda
     sig = tone * env
     sig /= np.sqrt(np.mean(sig**2)) + 1e-9
 
-    # Noise: white noise through a one-pole low-pass, mixed with the white (pink-ish).
-    white = rng.normal(size=n)
-    low = _one_pole(white, 0.95)
-    noise = 0.5 * white / (white.std() + 1e-9) + low / (low.std() + 1e-9)
+    # Pink noise: white noise with its amplitude spectrum scaled by 1 / sqrt(f) above 50 Hz.
+    spec = np.fft.rfft(rng.normal(size=n))
+    freqs = np.fft.rfftfreq(n, 1.0 / rate)
+    noise = np.fft.irfft(spec / np.sqrt(np.maximum(freqs, 50.0) / 50.0), n)
     noise /= np.sqrt(np.mean(noise**2)) + 1e-9
     snr_db = rng.uniform(8.0, 20.0)
     out = sig + noise * 10 ** (-snr_db / 20)
@@ -454,13 +471,6 @@ def _render_audio(rng: np.random.Generator, i: int, rate: int, n: int) -> np.nda
         out += 0.18 * np.sin(ph) * np.sqrt(2)
     out *= rng.uniform(0.3, 0.6) / (np.max(np.abs(out)) + 1e-9)
     return out.astype(np.float32)
-
-
-def _one_pole(x: np.ndarray, alpha: float) -> np.ndarray:
-    """y[n] = alpha * y[n-1] + (1 - alpha) * x[n] (scipy's lfilter does it in C)."""
-    from scipy.signal import lfilter
-
-    return lfilter([1.0 - alpha], [1.0, -alpha], x)
 
 
 # -- files --------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def test_done_runs_are_skipped_forced_or_refused(toy, tmp_path):
     np.testing.assert_array_equal(forced[0]["acc_matrix"], first[0]["acc_matrix"])  # deterministic
     other = run(toy, tmp_path, "--method", "finetune", "--set", "lr=0.01")
     assert other[0]["status"] == "failed" and "different configuration" in other[0]["error"]
-    assert "--force" in (tmp_path / "toy-3x2" / "finetune" / "seed0" / "error.txt").read_text()
+    assert "--force" in other[0]["error"]
+    d = tmp_path / "toy-3x2" / "finetune" / "seed0"
+    assert not (d / "error.txt").exists() and json.loads((d / "config.json").read_text())["hparams"]["lr"] != 0.01
 
 
 def test_resume_continues_from_the_last_task_checkpoint(toy, tmp_path):
@@ -125,3 +127,29 @@ def test_local_processes_give_the_same_results(toy, tmp_path):
     assert [r["status"] for r in par] == ["ok", "ok"]
     for a, b in zip(seq, par):
         np.testing.assert_array_equal(a["acc_matrix"], b["acc_matrix"])
+
+
+def test_dask_local_cluster_runs_the_sweep(toy, tmp_path):
+    seq = run(toy, tmp_path / "a", "--method", "finetune", "--seeds", "0,1")
+    res = run(toy, tmp_path / "b", "--method", "finetune", "--seeds", "0,1", "--scheduler", "local:2")
+    assert [(r["seed"], r["status"]) for r in res] == [(0, "ok"), (1, "ok")]
+    for a, b in zip(seq, res):
+        np.testing.assert_array_equal(a["acc_matrix"], b["acc_matrix"])
+    assert (tmp_path / "b" / "toy-3x2" / "finetune" / "seed1" / "metrics.json").is_file()
+
+
+def test_small_heads_train_on_one_thread_large_ones_on_more(toy):
+    from train.features import FeatureSet
+    from train.heads import head_config
+    from train.methods import method_hparams
+    from train.sweep import auto_threads
+
+    fs = FeatureSet.from_stores([toy.store])
+    small = auto_threads(fs, method_hparams("lll", {"batch_size": 32}), head_config("guided", {"d_model": 16}))
+    assert small == 1
+    big = auto_threads(fs, method_hparams("lll", {"batch_size": 100000}), head_config("guided"), parallel=1)
+    import os
+
+    assert big == os.cpu_count()
+    assert auto_threads(fs, method_hparams("lll", {"batch_size": 100000}), head_config("guided"),
+                        parallel=os.cpu_count()) == 1

@@ -100,6 +100,17 @@ def test_clip_level_and_dense_streams_become_token_sequences(tmp_path):
     np.testing.assert_array_equal(got, feats["dense"][1].astype(np.float16).astype(np.float32).reshape(6, 5))
 
 
+def test_a_mapped_stream_replaces_only_its_default(tmp_path):
+    m = toy_manifest(2, {"train": 2, "test": 1})
+    feats = gaussian_features(m, {"audio": (2, 4), "visual": (3, 5), "visual_dense": (6, 5)})
+    p = write_store(tmp_path / "s.zarr", m, feats)
+    fs = FeatureSet.from_stores([p], streams={"visual": "visual_dense"})
+    assert fs.dims == {"audio": (2, 4), "visual": (6, 5)}
+    assert fs.sources[0].streams == {"audio": "audio", "visual": "visual_dense"}
+    only_audio = write_store(tmp_path / "a.zarr", m, {"audio": feats["audio"]})
+    assert FeatureSet.from_stores([only_audio]).dims == {"audio": (2, 4)}  # defaults are optional
+
+
 def test_missing_stream_and_unused_store_are_named(tmp_path):
     toy = make_toy(tmp_path, n_classes=2)
     with pytest.raises(FeatureSetError, match="no store provides stream 'visual_dense'"):

@@ -269,7 +269,8 @@ def _one_thread():
 def _codesign(root, enc, clips_per_class):
     feats, y, split = _features(root, enc)
     train, test = torch.from_numpy(split == "train"), torch.from_numpy(split == "test")
-    tasks = [list(t) for t in load_protocol("synth-4x3").tasks]
+    p, names = load_protocol("synth-4x3"), Manifest.load(root / "manifest.jsonl").classes()
+    tasks = [[names.index(p.classes[j]) for j in task] for task in p.tasks]  # manifest class ids
     with _one_thread():
         acc = {k: probe_accuracy(x, y, train, test) for k, x in feats.items()}
         forget = finetune_matrix(feats["av"], y, train, test, tasks)

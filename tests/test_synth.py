@@ -98,8 +98,23 @@ def test_protocol_shapes_and_shipped_protocols_match_the_generator(tmp_path):
     p43 = load_protocol("synth-4x3")
     assert p43.dataset == "synth" and p43.setting == "CIL" and p43.memory == 36
     assert p43.tasks == ((0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11))
-    assert list(p43.classes) == synth.class_names(12)
-    assert load_protocol("synth-3x4").tasks == ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11))
+    names = synth.class_names(12)
+    as_ids = [[names.index(p43.classes[j]) for j in task] for task in p43.tasks]
+    assert as_ids == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]] == synth.task_classes(12, 4)
+    p34 = load_protocol("synth-3x4")
+    assert [[names.index(p34.classes[j]) for j in task] for task in p34.tasks] == [[0, 3, 6, 9], [1, 4, 7, 10],
+                                                                                   [2, 5, 8, 11]]
+
+
+@pytest.mark.parametrize("classes", [4, 6, 12, 30])
+def test_no_task_holds_two_classes_sharing_a_look_or_a_sound(classes):
+    for t, k in synth.protocol_shapes(classes):
+        tasks = synth.task_classes(classes, t)
+        assert sorted(i for task in tasks for i in task) == list(range(classes))
+        assert all(len(task) == k for task in tasks)
+        for task in tasks:
+            assert len({synth.visual_id(i) for i in task}) == k
+            assert len({synth.audio_id(i) for i in task}) == k
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -132,6 +147,7 @@ def test_manifest_validates_with_splits_paths_and_render_tag(rendered):
     assert sorted(p.name for p in (root / "protocols").iterdir()) == ["synth-2x3.json", "synth-3x2.json"]
     p = load_protocol(str(root / "protocols" / "synth-3x2.json"))
     assert p.tasks == ((0, 1), (2, 3), (4, 5)) and p.memory == 18
+    assert list(p.classes) == [synth.class_name(i) for i in (0, 3, 1, 4, 2, 5)]
 
 
 def test_clips_decode_with_the_promised_codecs_size_fps_and_duration(rendered):

@@ -13,6 +13,8 @@ from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from train_fixtures import make_toy, write_protocol
 from train.features import FeatureSet
+from train.heads import HEADS, HeadError, build_head
+from train.heads.base import MultiHeadAttention
 from train.methods import build_method
 from train.methods.base import Method
 from train.trainer import GrowingClassifier, Trainer, TrainError, read_acc_matrix
@@ -203,3 +205,52 @@ def test_a_task_without_test_samples_is_an_error(tmp_path):
     bad = dataclasses.replace(bad, classes=("class00", "class01", "zz", "yy"))
     with pytest.raises(TrainError, match=r"task\(s\) \[1\] have no usable train samples"):
         Trainer(fs, bad, build_method("finetune", TINY), head_config=HEAD)
+
+
+# -- heads ------------------------------------------------------------------------------------
+
+DIMS = {"audio": (5, 6), "visual": (4, 10)}
+
+
+def _batch(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"audio": torch.randn(b, 5, 6, generator=g), "visual": torch.randn(b, 4, 10, generator=g)}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_maps_a_batch_to_one_feature_per_clip(name):
+    torch.manual_seed(0)
+    head = build_head(name, DIMS, {"d_model": 8} if name in ("concat", "sum") else {"d_model": 8, "n_heads": 2})
+    x = _batch()
+    assert head(x).shape == (3, 8) and head.out_dim == 8
+    only = {k: v for k, v in x.items() if k in head.streams}
+    torch.testing.assert_close(head.eval()(only), head.eval()(x))  # reads nothing else
+
+
+def test_guided_attention_is_audio_guided():
+    torch.manual_seed(0)
+    head = build_head("guided", DIMS, {"d_model": 8, "n_heads": 2}).eval()
+    x = _batch()
+    f = head(x)
+    # the audio tokens are keys/values: their order does not matter, their content does
+    perm = {"audio": x["audio"][:, [4, 2, 0, 1, 3]], "visual": x["visual"]}
+    torch.testing.assert_close(head(perm), f)
+    other = {"audio": _batch(seed=1)["audio"], "visual": x["visual"]}
+    assert (head(other) - f).abs().max() > 1e-3
+    with pytest.raises(HeadError, match="d_model .* multiple of n_heads"):
+        build_head("guided", DIMS, {"d_model": 10, "n_heads": 4})
+    with pytest.raises(HeadError, match=r"needs stream\(s\) \['audio'\]"):
+        build_head("guided", {"visual": (4, 10)}, {"d_model": 8, "n_heads": 2})
+
+
+def test_multi_head_attention_matches_torch_reference():
+    torch.manual_seed(0)
+    mine = MultiHeadAttention(8, 2, dropout=0.0)
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([mine.q.weight, mine.kv.weight]))
+        ref.in_proj_bias.copy_(torch.cat([mine.q.bias, mine.kv.bias]))
+        ref.out_proj.weight.copy_(mine.out.weight)
+        ref.out_proj.bias.copy_(mine.out.bias)
+    q, kv = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
+    torch.testing.assert_close(mine(q, kv), ref(q, kv, kv, need_weights=False)[0])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from train.sweep import RunSpec, protocol_name, run_sweep, summary_table
@@ -74,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler address, or local:N")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes when no --scheduler (default 1: in-process)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores / parallel runs)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per run (default: 1 for small heads, more for large ones, "
+                        "at most cores / parallel runs)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last task checkpoint")
     p.add_argument("--force", action="store_true", help="retrain runs that are already done")
     p.add_argument("--out", required=True, metavar="RUNDIR", help="root of the run directories")
@@ -119,10 +122,23 @@ def _split_list(values: Sequence[str] | None) -> list[str]:
     return [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
 
 
+def _check_own_protocol(spec: RunSpec) -> None:
+    """Resolve a bring-your-own protocol against the first store's manifest (cheap: no features read)."""
+    from avcl_core.cache import open_store
+    from train.features import _manifest_from_arrays, load_store_manifest
+    from train.sweep import resolve_protocol_for
+
+    store = open_store(spec.caches[0], key=spec.keys[0] if spec.keys else None)
+    manifest = load_store_manifest(store) or _manifest_from_arrays(store)
+    resolve_protocol_for(spec, manifest)
+
+
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """One :class:`RunSpec` per (method, head, seed); names, stores, protocol and options checked first."""
+    from avcl_core.cache import open_store
     from avcl_core.protocols import ProtocolError
     from train.heads import head_names
-    from train.heads.base import OptionError
+    from train.heads.base import OptionError, head_class, option_names
     from train.methods import method_class, method_names
     from train.methods.presets import load_preset, resolve_options, split_overrides
 
@@ -145,27 +161,32 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
             left, tail = c.rsplit("@", 1)
             if re.fullmatch(r"[0-9a-f]{6,64}", tail):
                 path, key = left, tail
-        caches.append(path)
+        caches.append(path if "://" in path else str(Path(path).resolve()))
         keys.append(key)
     overrides = tuple(_pairs(args.overrides, "--set"))
     streams = tuple(_pairs(args.stream, "--stream")) or None
     load_preset(args.preset)  # fail early on an unknown preset
+    for path, key in zip(caches, keys):
+        open_store(path, key=key)  # fail early on a missing, incomplete or mismatched store
     seeds = _seeds(args.seeds)
+    protocol = args.protocol
+    if protocol and args.class_order is None and (protocol.endswith((".json", ".json.gz")) or "/" in protocol):
+        protocol = str(Path(protocol).resolve())  # workers may run elsewhere
     specs = [
         RunSpec(caches=tuple(caches), keys=tuple(keys) if any(keys) else None, streams=streams, method=m, head=h,
-                seed=s, out=args.out, protocol=args.protocol, class_order=args.class_order,
+                seed=s, out=str(Path(args.out).resolve()), protocol=protocol, class_order=args.class_order,
                 classes_per_task=args.classes_per_task, memory=args.memory, base=args.base, preset=args.preset,
                 overrides=overrides, epochs=args.epochs, select=args.select, device=args.device, force=args.force,
                 resume=args.resume, threads=args.threads, verbose=not args.quiet)
         for m in methods for h in heads for s in seeds
     ]
-    # validate names, presets and --set keys before any training starts
+    # validate names, protocol, presets and --set keys before any training starts
     try:
         proto = protocol_name(specs[0])
+        if args.class_order is not None:
+            _check_own_protocol(specs[0])
     except ProtocolError as e:
         raise CliError(str(e)) from None
-    from train.heads.base import head_class, option_names
-
     _, head_keys = split_overrides(dict(overrides))
     for m in methods:
         used = [h or method_class(m).default_head for h in heads]
@@ -184,12 +205,14 @@ def main(argv: Sequence[str] | None = None):
     console = argv is None
     parser = _parser()
     args = parser.parse_args(argv)
+    from avcl_core.cache import StoreError
+    from train.features import FeatureSetError
     from train.heads.base import OptionError
     from train.methods.presets import PresetError
 
     try:
         specs = build_specs(args)
-    except (CliError, OptionError, PresetError) as e:
+    except (CliError, OptionError, PresetError, StoreError, FeatureSetError) as e:
         if console:
             parser.exit(2, f"avcl-train: error: {e}\n")
         raise

@@ -198,13 +198,15 @@ class FeatureSet:
         device: str | torch.device = "cpu",
         keys: Sequence[str | None] | None = None,
     ) -> "FeatureSet":
-        """Load the streams named in ``streams`` (FeatureSet name -> store stream name) from ``caches``.
+        """Load feature streams from ``caches`` into one FeatureSet.
 
-        Each FeatureSet stream comes from the first store (in the order given)
-        that has the store stream. With ``streams=None``, ``audio`` and
-        ``visual`` are loaded from wherever they are found, and at least one of
-        them must exist. ``keys[i]`` (optional) is the key (or key prefix) store
-        ``i`` must have. Store paths may be fsspec URLs.
+        ``streams`` maps FeatureSet stream names to store stream names, e.g.
+        ``{'visual': 'visual_dense'}``; it is merged over the default
+        ``{'audio': 'audio', 'visual': 'visual'}``. A stream named in ``streams``
+        must exist; a default one is loaded when some store has it (at least
+        one stream must be found). Each stream comes from the first store (in
+        the order given) that has it. ``keys[i]`` (optional) is the key (or
+        key prefix) store ``i`` must have. Store paths may be fsspec URLs.
         """
         if not caches:
             raise FeatureSetError("no feature store given (pass at least one --cache STORE)")
@@ -212,8 +214,8 @@ class FeatureSet:
         if len(keys) != len(caches):
             raise FeatureSetError(f"{len(keys)} keys for {len(caches)} stores")
         stores = [c if isinstance(c, FeatureStore) else open_store(c, key=k) for c, k in zip(caches, keys)]
-        optional = streams is None
-        wanted = dict(DEFAULT_STREAMS if streams is None else streams)
+        required = set(streams or {})
+        wanted = {**DEFAULT_STREAMS, **dict(streams or {})}
 
         provider: dict[str, int] = {}
         for name, stream in wanted.items():
@@ -222,7 +224,7 @@ class FeatureSet:
                     provider[name] = i
                     break
             else:
-                if not optional:
+                if name in required:
                     have = "; ".join(f"{st.path}: {sorted(st.streams)}" for st in stores)
                     raise FeatureSetError(f"no store provides stream {stream!r} (for {name!r}); streams: {have}")
         if not provider:

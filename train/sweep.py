@@ -34,6 +34,10 @@ import numpy as np
 
 log = logging.getLogger("avcl.train")
 
+class RunRefused(RuntimeError):
+    """A finished run of another configuration is in the run directory."""
+
+
 # FeatureSets already loaded in this process, reused by the runs of a sweep
 _FEATURE_SETS: dict[tuple, Any] = {}
 
@@ -232,7 +236,7 @@ def run_one(spec: RunSpec) -> dict:
             if old.get("config_hash") == cfg["config_hash"]:
                 result.update(status="skipped", metrics=_read_json(met_path), message="already done")
                 return result
-            raise RuntimeError(
+            raise RunRefused(
                 f"{rdir} holds a finished run with a different configuration "
                 f"(config_hash {str(old.get('config_hash'))[:12]} vs {cfg['config_hash'][:12]}); "
                 "pass --force to overwrite it or choose another --out")
@@ -255,6 +259,8 @@ def run_one(spec: RunSpec) -> dict:
         res = trainer.fit(resume=resume)
         result.update(status="ok", metrics=res.metrics, acc_matrix=res.acc_matrix.tolist(),
                       seconds=round(res.seconds, 3), resumed_from=res.resumed_from)
+    except RunRefused as e:  # the finished run stays as it is, without an error.txt
+        result.update(status="failed", error=str(e))
     except Exception as e:  # noqa: BLE001 - one failed run must not stop a sweep
         tb = traceback.format_exc()
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -279,7 +285,12 @@ def _read_json(path: Path) -> dict:
 # -- executors -------------------------------------------------------------------------------
 def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int = 1) -> list[dict]:
     """Run every spec; results in spec order. See the module docstring for the executors."""
-    specs = list(dict.fromkeys(specs))  # each run directory is written by exactly one task
+    # each run directory is written by exactly one task: one spec per (out, protocol, run label, seed)
+    unique: dict[tuple, RunSpec] = {}
+    for s in specs:
+        key = (s.out, s.protocol, s.class_order, run_label(s.method, s.head), s.seed)
+        unique.setdefault(key, s)
+    specs = list(unique.values())
     if scheduler:
         return _run_dask(specs, scheduler)
     if jobs <= 1 or len(specs) <= 1:
@@ -292,11 +303,11 @@ def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as ex:
         futures = [ex.submit(run_one, s) for s in specs]
         for s, f in zip(specs, futures):
-            out.append(_collect(s, f.result, ()))
+            out.append(_collect(s, f.result))
     return out
 
 
-def _collect(spec: RunSpec, get, extra_exc: tuple) -> dict:
+def _collect(spec: RunSpec, get) -> dict:
     try:
         return get()
     except Exception as e:  # noqa: BLE001 - the worker itself died
@@ -328,7 +339,7 @@ def _run_dask(specs: list[RunSpec], scheduler: str) -> list[dict]:
     try:
         specs2 = [dataclasses.replace(s, parallel=parallel) for s in specs]
         futures = client.map(run_one, specs2, pure=False)
-        return [_collect(s, f.result, ()) for s, f in zip(specs, futures)]
+        return [_collect(s, f.result) for s, f in zip(specs, futures)]
     finally:
         client.close()
         if cluster is not None:

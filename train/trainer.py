@@ -154,7 +154,7 @@ class Trainer:
         device: str | torch.device | None = None,
         run_dir: str | os.PathLike | None = None,
         config_hash: str = "",
-        eval_batch_size: int = 1024,
+        eval_batch_size: int = 512,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         if select not in SELECT_MODES:
@@ -187,6 +187,9 @@ class Trainer:
         self._prepare_labels()
 
         self.memory = self._new_memory()
+        if method.replay in ("mixed", "paired") and not (self.protocol.memory or self.protocol.memory_per_class):
+            log.warning("protocol %r has no exemplar memory: method %r trains without replay",
+                        self.protocol.name, method.name)
         self.model: CILModel | None = None
         self.old_model: CILModel | None = None
         self.task = -1
@@ -358,7 +361,7 @@ class Trainer:
             lr = opt.param_groups[0]["lr"]
             order = pool_t[torch.randperm(n, generator=gen).to(self.device)]
             sums: dict[str, torch.Tensor] = {}
-            steps = 0
+            counts: dict[str, int] = {}
             for s in range(0, n, bs):
                 idx = order[s: s + bs]
                 if n_ex:
@@ -376,14 +379,14 @@ class Trainer:
                 if hp.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
                 opt.step()
-                for k, v in terms.items():
+                for k, v in (*terms.items(), ("loss", loss)):
                     sums[k] = sums.get(k, 0.0) + v.detach()
-                sums["loss"] = sums.get("loss", 0.0) + loss.detach()
-                steps += 1
+                    counts[k] = counts.get(k, 0) + 1
             if sched is not None:
                 sched.step()
+            # each term's mean over the steps that had it (one host sync per term and epoch)
             entry = {"task": t, "epoch": epoch}
-            entry.update({k: float(v) / steps for k, v in sums.items()})
+            entry.update({k: float(v) / counts[k] for k, v in sums.items()})
             last_loss = entry["loss"]
             if val_idx is not None:
                 acc = float((self.predict(val_idx) == self.y_np[val_idx]).mean())

@@ -87,10 +87,11 @@ class ICaRL(Method):
         self.means = means
 
     def predict(self, batch, out):
-        if self.hp.classifier == "fc" or self.means is None:
-            return out["logits"]
+        n_seen = out["logits"].shape[1]
+        if self.hp.classifier == "fc" or self.means is None or self.means.shape[0] < n_seen:
+            return out["logits"]  # no mean yet for the classes being learnt (during training)
         phi = F.normalize(out["feature"], dim=1)
-        return -torch.cdist(phi, self.means[: out["logits"].shape[1]])
+        return -torch.cdist(phi, self.means[:n_seen])
 
     def state_dict(self) -> dict:
         return {"means": None if self.means is None else self.means.cpu()}

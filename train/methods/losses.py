@@ -55,11 +55,6 @@ def task_wise_kd(logits: torch.Tensor, old_logits: torch.Tensor, boundaries: Seq
     return total
 
 
-def lwf_kd(logits: torch.Tensor, old_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """LwF distillation: KD over all old classes together, ``kd_kl(z[:, :n_old], old, T)``."""
-    return kd_kl(logits[:, : old_logits.shape[1]], old_logits, T)
-
-
 def sigmoid_distillation(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
     """iCaRL distillation: BCE of sigmoid(z_old) against targets sigmoid(old), sigmoid applied once on each side.
 
