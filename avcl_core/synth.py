@@ -8,12 +8,11 @@ Every class ``i`` pairs a *visual identity* with an *audio identity*::
 so no single modality tells every class apart while the pair (visual_id,
 audio_id) is unique per class: with 12 classes a perfect visual-only model
 reaches 6/12 and a perfect audio-only model 7/12 (classes 0 and 11 have their
-own sound), an audio-visual model 12/12. The shipped class-incremental
-protocols deal the classes round-robin into tasks (:func:`task_classes`), so no
-two classes of one task share a look or a sound, while every class has a
-look-alike or sound-alike in another task: each task can be learnt from
-one modality alone, and that shortcut is what a later task contradicts, so a
-model that only fine-tunes forgets visibly.
+own sound), an audio-visual model 12/12. The protocols keep the class order
+(task ``t`` of ``K`` classes holds classes ``t*K .. t*K+K-1``), so fusion is
+needed from the first task on (task 0 of ``synth-4x3`` holds the look-alikes 0, 1
+and the sound-alikes 1, 2) and look-alikes or sound-alikes also straddle task
+boundaries (2 | 3, 5 | 6, 8 | 9), which a model that only fine-tunes forgets.
 
 A visual identity ``v`` is a colour (``v mod 6``), shape (``v mod 7``),
 texture (``v mod 4``) and motion (``v mod 5``); an audio identity ``a`` is a
@@ -171,33 +170,21 @@ def protocol_shapes(classes: int) -> list[tuple[int, int]]:
     return shapes or [(1, classes)]
 
 
-def task_classes(classes: int, tasks: int) -> list[list[int]]:
-    """Class indices of each task when ``classes`` classes are dealt round-robin into
-    ``tasks`` tasks: task ``t`` holds the classes ``i`` with ``i mod tasks == t``.
-
-    With ``tasks >= 2``, classes ``i`` and ``i + 1`` (which share a visual or an audio
-    identity) always land in different tasks, and no two classes of a task share one.
-    """
-    return [list(range(t, classes, tasks)) for t in range(tasks)]
-
-
 def protocols(classes: int) -> list[dict]:
     """Class-incremental protocols ``synth-<T>x<K>`` over ``classes`` synth classes.
 
-    The class list is the concatenation of :func:`task_classes` (e.g. for 4 x 3:
-    c00, c04, c08, c01, c05, c09, ...) and task ``t`` holds its positions
-    ``t*K .. t*K+K-1``; the total memory is :data:`MEMORY_PER_CLASS` x ``classes``
+    Class order is the class index; task ``t`` holds positions ``t*K .. t*K+K-1``
+    of ``classes``; the total memory is :data:`MEMORY_PER_CLASS` x ``classes``
     exemplars (shared by the classes seen so far). No split lists: every manifest
     row is used with its own split. Returns dicts in the protocol file format of
     :mod:`avcl_core.protocols`.
     """
     out = []
     for t, k in protocol_shapes(classes):
-        order = [i for task in task_classes(classes, t) for i in task]
         out.append({
             "name": f"synth-{t}x{k}",
             "dataset": DATASET,
-            "classes": [class_name(i) for i in order],
+            "classes": class_names(classes),
             "tasks": [list(range(j * k, (j + 1) * k)) for j in range(t)],
             "setting": "CIL",
             "memory": MEMORY_PER_CLASS * classes,
@@ -209,11 +196,10 @@ def protocols(classes: int) -> list[dict]:
 
 
 def _provenance(classes: int, t: int, k: int) -> str:
-    deal = (f"{t} tasks of {k} classes dealt round-robin (task j holds the classes i with i mod {t} == j), "
-            "so no task holds two classes that share a look or a sound" if t > 1 else "a single task")
+    tasks = f"{t} task{'s' if t > 1 else ''} of {k} consecutive classes"
     return (f"avcl_core.synth with {classes} classes: class i has visual identity i//2 and audio identity "
-            f"(i+1)//2; {deal}; memory {MEMORY_PER_CLASS * classes} exemplars in total ({MEMORY_PER_CLASS} "
-            "per class once all classes are seen)")
+            f"(i+1)//2; class order = class index, {tasks}; memory {MEMORY_PER_CLASS * classes} exemplars "
+            f"in total ({MEMORY_PER_CLASS} per class once all classes are seen)")
 
 
 def write_protocols(directory: str | Path, classes: int) -> list[Path]:
@@ -584,6 +570,8 @@ def render(
     must guard its entry point (``if __name__ == "__main__":``).
     """
     _check_classes(classes)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"synth: seed must be an integer >= 0, got {seed!r}")
     if clips_per_class < 1:
         raise ValueError(f"synth: clips_per_class must be >= 1, got {clips_per_class}")
     if size < 16 or size % 2:

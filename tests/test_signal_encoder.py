@@ -189,6 +189,8 @@ def test_bad_options_and_inputs_are_named():
     enc = _enc()
     with pytest.raises(ValueError, match=rf"\(B, {T}, {S}, {S}, 3\)"):
         enc.encode(torch.zeros(1, T, S + 1, S + 1, 3, dtype=torch.uint8), torch.zeros(1, 16000))
+    with pytest.raises(ValueError, match="uint8"):
+        enc.encode(torch.zeros(1, T, S, S, 3), torch.zeros(1, 16000))
     with pytest.raises(ValueError, match=r"\(B, 16000\)"):
         enc.encode(torch.zeros(1, T, S, S, 3, dtype=torch.uint8), torch.zeros(1, 8000))
     with pytest.raises(ValueError, match="need frames"):

@@ -66,7 +66,8 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
     ``fmin`` and ``fmax``), evaluated at the FFT bin frequencies ``k * rate / n_fft``.
     """
     if not 0 <= fmin < fmax <= sample_rate / 2:
-        raise ValueError(f"signal encoder: need 0 <= fmin < fmax <= rate/2, got fmin={fmin}, fmax={fmax}, rate={sample_rate}")
+        raise ValueError(f"signal encoder: need 0 <= fmin < fmax <= rate/2, "
+                         f"got fmin={fmin}, fmax={fmax}, rate={sample_rate}")
     freqs = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
     edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
@@ -151,7 +152,8 @@ class SignalEncoder(FeatureEncoder):
         hue_bins, orientation_bins = _int("hue_bins", hue_bins, 1), _int("orientation_bins", orientation_bins, 1)
         n_mels, n_fft, hop_length = (_int(k, v, 1) for k, v in
                                      (("n_mels", n_mels), ("n_fft", n_fft), ("hop_length", hop_length)))
-        clip_seconds, window_seconds = _positive("clip_seconds", clip_seconds), _positive("window_seconds", window_seconds)
+        clip_seconds = _positive("clip_seconds", clip_seconds)
+        window_seconds = _positive("window_seconds", window_seconds)
         if max(grid, dense_grid) > image_size:
             raise ValueError(f"signal encoder: grid {grid} / dense_grid {dense_grid} exceed image_size {image_size}")
         self.preprocess = Preprocess(
@@ -232,10 +234,9 @@ class SignalEncoder(FeatureEncoder):
             t, s = self.preprocess.num_frames, self.preprocess.image_size
             if frames is None:
                 raise ValueError("signal encoder: visual streams need frames, got None")
-            if frames.dim() != 5 or tuple(frames.shape[1:]) != (t, s, s, 3):
-                raise ValueError(
-                    f"signal encoder: frames must be (B, {t}, {s}, {s}, 3) uint8, got {tuple(frames.shape)}"
-                )
+            if frames.dim() != 5 or tuple(frames.shape[1:]) != (t, s, s, 3) or frames.dtype != torch.uint8:
+                raise ValueError(f"signal encoder: frames must be (B, {t}, {s}, {s}, 3) uint8, "
+                                 f"got {tuple(frames.shape)} {frames.dtype}")
             out.update(self._visual(frames))
         if "audio" in shapes:
             n = self.preprocess.num_samples
@@ -284,7 +285,6 @@ class SignalEncoder(FeatureEncoder):
         x = frames.reshape(b * t, s, s, 3).permute(0, 3, 1, 2).float() / 255.0
         vis, dense = [], []
         for chunk in x.split(256):  # bounds the (N, C, S, S) working set
-            n = chunk.shape[0]
             maps = self._pixel_maps(chunk)
             whole = self._regions(*maps, chunk, 1).flatten(1)
             cells = self._regions(*maps, chunk, self.grid).flatten(1)
