@@ -184,7 +184,8 @@ def _coverage(p: Protocol, manifest: Manifest) -> None:
 @click.option("--clips-per-class", type=int, default=20, show_default=True, help="Clips rendered per class.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same files.")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: the CPUs available).")
-def synth(out, classes, clips_per_class, seed, workers) -> None:
+@click.option("--force", is_flag=True, help="Render again even if OUT already holds this exact render.")
+def synth(out, classes, clips_per_class, seed, workers, force) -> None:
     """Render the synthetic audio-visual dataset (mp4 clips, masks, manifest, protocols).
 
     \b
@@ -193,11 +194,17 @@ def synth(out, classes, clips_per_class, seed, workers) -> None:
     """
     from avcl_core import synth as synth_mod  # imported here: rendering pulls in PyAV only when asked
 
+    import time
+
+    t0, wall0 = time.perf_counter(), time.time()
     try:
-        manifest_path = synth_mod.render(out, classes, clips_per_class, seed, workers)
+        manifest_path = synth_mod.render(out, classes, clips_per_class, seed, workers, force=force)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {manifest_path}")
+    if manifest_path.stat().st_mtime < wall0 and not force:
+        click.echo(f"already rendered with these parameters: {manifest_path} (--force renders again)")
+    else:
+        click.echo(f"wrote {classes * clips_per_class} clips and {manifest_path} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -548,6 +548,18 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _already_rendered(out: Path, info: dict) -> bool:
+    try:
+        if json.loads((out / "synth.json").read_text(encoding="utf-8")) != json.loads(json.dumps(info)):
+            return False
+        rows = Manifest.load(out / "manifest.jsonl").rows
+    except (OSError, ValueError):
+        return False
+    return len(rows) == info["classes"] * info["clips_per_class"] and all(
+        (out / r["video"]).is_file() and (out / r["masks"]).is_file() for r in rows
+    )
+
+
 def render(
     out_dir: str | Path,
     classes: int = 12,
@@ -558,8 +570,12 @@ def render(
     seconds: float = 2.0,
     fps: float = 8,
     audio_rate: int = 16000,
+    force: bool = False,
 ) -> Path:
     """Render the synth dataset into ``out_dir``; returns the manifest path.
+
+    A folder already rendered with the same parameters (its ``synth.json`` equal
+    and every clip and mask present) is reused as it is unless ``force``.
 
     ``classes`` classes x ``clips_per_class`` clips of ``seconds`` s, ``size`` x ``size``
     pixels at ``fps`` frames/s, audio at ``audio_rate`` Hz; ``workers`` processes
@@ -581,6 +597,21 @@ def render(
             f"synth: need seconds > 0, fps > 0, audio_rate >= 8000; got {seconds}, {fps}, {audio_rate}"
         )
     out = Path(out_dir)
+    info = {
+        "dataset": DATASET,
+        "classes": classes,
+        "clips_per_class": clips_per_class,
+        "seed": int(seed),
+        "size": int(size),
+        "seconds": float(seconds),
+        "fps": float(fps),
+        "audio_rate": int(audio_rate),
+        "frames_per_clip": max(1, round(seconds * fps)),
+        "masks": "masks/<sample_id>.npz, array 'masks' uint8 (frames, size, size)",
+        "class_table": class_table(classes),
+    }
+    if not force and _already_rendered(out, info):
+        return out / "manifest.jsonl"
     for i in range(classes):
         (out / "videos" / class_name(i)).mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -599,18 +630,5 @@ def render(
             rows = list(pool.map(_render_clip, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     manifest_path = Manifest.from_rows(rows, source=str(out / "manifest.jsonl")).save(out / "manifest.jsonl")
     write_protocols(out / "protocols", classes)
-    info = {
-        "dataset": DATASET,
-        "classes": classes,
-        "clips_per_class": clips_per_class,
-        "seed": int(seed),
-        "size": int(size),
-        "seconds": float(seconds),
-        "fps": float(fps),
-        "audio_rate": int(audio_rate),
-        "frames_per_clip": max(1, round(seconds * fps)),
-        "masks": "masks/<sample_id>.npz, array 'masks' uint8 (frames, size, size)",
-        "class_table": class_table(classes),
-    }
     (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return manifest_path

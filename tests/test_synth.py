@@ -210,3 +210,18 @@ def test_another_seed_gives_other_clips_and_another_manifest_hash(rendered):
         assert np.abs(fa.astype(int) - fc).mean() > 1.0, ra["sample_id"]
         with np.load(rendered["a"] / ra["masks"]) as za, np.load(rendered["c"] / rc["masks"]) as zc:
             assert not np.array_equal(za["masks"], zc["masks"]), ra["sample_id"]
+
+
+def test_rerender_with_the_same_parameters_reuses_the_folder(tmp_path):
+    kw = dict(classes=2, clips_per_class=2, seed=3, workers=1, size=32, seconds=0.5, fps=4)
+    path = synth.render(tmp_path, **kw)
+    clip = tmp_path / synth.Manifest.load(path).rows[0]["video"]
+    stamp = (path.stat().st_mtime_ns, clip.stat().st_mtime_ns)
+    assert synth.render(tmp_path, **kw) == path
+    assert (path.stat().st_mtime_ns, clip.stat().st_mtime_ns) == stamp  # nothing rewritten
+    clip.unlink()  # an incomplete folder is rendered again
+    synth.render(tmp_path, **kw)
+    assert clip.is_file()
+    before = path.read_bytes()
+    synth.render(tmp_path, **{**kw, "seed": 4})  # other parameters: a new render
+    assert path.read_bytes() != before
