@@ -510,10 +510,16 @@ def _write_masks(path: Path, masks: np.ndarray) -> None:
     tmp.replace(path)
 
 
+# Bump when the generator's output changes: it is part of every row's render tag, hence of the
+# manifest hash and of the key of every feature store built from a render.
+GENERATOR_VERSION = 1
+
+
 def render_tag(classes: int, seed: int, size: int, seconds: float, fps: float, audio_rate: int) -> str:
-    """The manifest rows' ``subset``: every render parameter that changes a clip's content,
-    so that manifests (and the feature-cache keys built on their hash) differ with them."""
-    return f"classes={classes},seed={seed},size={size},seconds={seconds:g},fps={fps:g},audio_rate={audio_rate}"
+    """The manifest rows' ``subset``: the generator version and every render parameter that
+    changes a clip's content, so that manifests (and the feature-cache keys built on their
+    hash) differ with them."""
+    return f"v{GENERATOR_VERSION},classes={classes},seed={seed},size={size},seconds={seconds:g},fps={fps:g},audio_rate={audio_rate}"
 
 
 def _render_clip(job: tuple) -> dict:
@@ -599,6 +605,7 @@ def render(
     out = Path(out_dir)
     info = {
         "dataset": DATASET,
+        "generator_version": GENERATOR_VERSION,
         "classes": classes,
         "clips_per_class": clips_per_class,
         "seed": int(seed),

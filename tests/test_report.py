@@ -72,17 +72,17 @@ def test_table_cells_bold_and_p_values(runs_root, tmp_path):
     header, body = md_rows(rep.markdown)
     assert header == ["Method", "ave-4x7 Mean Acc. ↑", "ave-4x7 Avg. Forgetting ↓"]
     # paper names and table order (baselines first, ours last)
-    assert list(body) == ["iCaRL-FC", "Ours (LLL)"]
+    assert list(body) == ["iCaRL-FC", "LLL"]
     acc, forg = header[1], header[2]
 
     # lll accuracy 80, 82, 84 -> 82.00 ± 2.00 (best); iCaRL-FC 60, 65, 61 -> 62.00 ± sqrt(7)
     p_acc = stats.ttest_rel([60.0, 65.0, 61.0], [80.0, 82.0, 84.0]).pvalue
-    assert body["Ours (LLL)"][acc] == "**82.00 ± 2.00**"
+    assert body["LLL"][acc] == "**82.00 ± 2.00**"
     assert body["iCaRL-FC"][acc] == f"62.00 ± 2.65 (p={p_acc:.3f})"
     # forgetting: lower is better -> iCaRL-FC (1, 2, 3 -> 2.00 ± 1.00) is bold, not lll (4.00 ± 1.00)
     p_forg = stats.ttest_rel([5.0, 3.0, 4.0], [1.0, 2.0, 3.0]).pvalue
     assert body["iCaRL-FC"][forg] == "**2.00 ± 1.00**"
-    assert body["Ours (LLL)"][forg] == f"4.00 ± 1.00 (p={p_forg:.3f})"
+    assert body["LLL"][forg] == f"4.00 ± 1.00 (p={p_forg:.3f})"
     assert "paired t-test" in rep.markdown and "best method of that column" in rep.markdown
 
     with rep.table_csv.open() as f:
@@ -122,7 +122,7 @@ def test_metric_missing_from_metrics_json_is_computed_from_the_matrix(tmp_path):
     write_run(tmp_path / "r1", "lll", 1, 0.8, 0.05)
     runs = load_runs([tmp_path])
     table = build_table(runs, ["backward_transfer"])
-    cell = table.cells[("Ours (LLL)", (PROTO, "backward_transfer"))]
+    cell = table.cells[("LLL", (PROTO, "backward_transfer"))]
     assert cell.values[0] == pytest.approx(100 * M.backward_transfer(np.round(A, 6)))
     assert cell.p_value is None and cell.is_best
 
@@ -134,9 +134,9 @@ def test_heads_and_differing_hparams_name_the_rows(tmp_path):
     write_run(tmp_path / "d", "finetune", 0, 0.3, 0.6, head="guided", hparams={"lr": 0.01})
     table = build_table(load_runs([tmp_path]))
     assert table.rows == ["Fine-tuning (guided, lr=0.01)", "Fine-tuning (guided, lr=0.1)",
-                          "Ours (LLL) (guided)", "Ours (LLL) (naive)"]
+                          "LLL (guided)", "LLL (naive)"]
     # one seed per cell: no std, and no p-value possible
-    cell = table.cells[("Ours (LLL) (naive)", (PROTO, "mean_accuracy"))]
+    cell = table.cells[("LLL (naive)", (PROTO, "mean_accuracy"))]
     assert np.isnan(cell.std) and np.isnan(cell.p_value)
 
 
@@ -180,8 +180,8 @@ def test_upper_bound_is_never_the_best(tmp_path):
         write_run(tmp_path / f"f{seed}", "finetune", seed, 0.40, 0.60 + 0.05 * seed)
     table = build_table(load_runs([tmp_path]))
     col = (PROTO, "mean_accuracy")
-    assert table.rows == ["Fine-tuning", "Ours (LLL)", "Upper bound (joint)"]
-    assert table.best[col] == "Ours (LLL)"
+    assert table.rows == ["Fine-tuning", "LLL", "Upper bound (joint)"]
+    assert table.best[col] == "LLL"
     assert not table.cells[("Upper bound (joint)", col)].is_best
     assert table.cells[("Upper bound (joint)", col)].p_value == pytest.approx(
         stats.ttest_rel([95.0, 95.0], [80.0, 81.0]).pvalue)

@@ -69,6 +69,7 @@ METHOD_DISPLAY_NAMES: dict[str, str] = {
     "fine-tuning": "Fine-tuning",
     "ft": "Fine-tuning",
     "lwf": "LwF",
+    "icarl": "iCaRL-NME",
     "icarl-nme": "iCaRL-NME",
     "icarl-fc": "iCaRL-FC",
     "ss-il": "SS-IL",
@@ -77,11 +78,11 @@ METHOD_DISPLAY_NAMES: dict[str, str] = {
     "afc-lsc": "AFC-LSC",
     "av-cil": "AV-CIL",
     "avcil": "AV-CIL",
-    "lll": "Ours (LLL)",
+    "lll": "LLL",
     "joint": "Upper bound (joint)",
     "upper-bound": "Upper bound (joint)",
 }
-_LAST = ("Ours (LLL)", "Upper bound (joint)")
+_LAST = ("LLL", "Upper bound (joint)")
 
 # metric key -> (column label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -102,7 +103,7 @@ def _method_id(method: str) -> str:
 
 
 def display_name(method: str) -> str:
-    """Paper name of a method id (``lll`` -> ``Ours (LLL)``); unknown ids unchanged."""
+    """Paper name of a method id (``lll`` -> ``LLL``); unknown ids unchanged."""
     return METHOD_DISPLAY_NAMES.get(_method_id(method), method)
 
 
@@ -569,35 +570,44 @@ def plot_accuracy_matrices(table: Table, out_dir: str | Path) -> list[Path]:
 def plot_transfer_vs_forgetting(table: Table, out_dir: str | Path) -> list[Path]:
     """Per protocol: forward transfer vs. average forgetting (%), one point per method.
 
-    Error bars are the sample std over seeds. A protocol where no method has
-    both values finite (e.g. single-task runs) gets no plot.
+    Error bars are the sample std over seeds. In class-incremental runs forward
+    transfer is 0 by construction (a task's classes cannot be predicted before
+    they are seen); when it is the same for every method, the y axis shows
+    learning accuracy (LA, accuracy on each task right after learning it — the
+    plasticity side of the trade-off) instead, and the title says so. A protocol
+    where no method has both values finite (e.g. single-task runs) gets no plot.
     """
     out_dir, files, colors = Path(out_dir), [], _colors(table)
     for proto in _protocols(table):
         groups = _protocol_runs(table, proto)
+        fwt = [100.0 * r.metrics["forward_transfer"] for rs in groups.values() for r in rs]
+        fwt = np.array([v for v in fwt if np.isfinite(v)])
+        degenerate = fwt.size == 0 or np.ptp(fwt) < 1e-9
+        y_key, y_name = ("learning_accuracy", "Learning accuracy") if degenerate else \
+            ("forward_transfer", "Forward transfer")
         fig = Figure(figsize=(6.4, 4.8), layout="constrained")
         ax = fig.add_subplot()
         plotted = 0
         for lab, rs in groups.items():
             f = np.array([100.0 * r.metrics["average_forgetting"] for r in rs])
-            w = np.array([100.0 * r.metrics["forward_transfer"] for r in rs])
+            w = np.array([100.0 * r.metrics[y_key] for r in rs])
             ok = np.isfinite(f) & np.isfinite(w)
             if not ok.any():
                 continue
             f, w = f[ok], w[ok]
             xerr = f.std(ddof=1) if f.size > 1 else 0.0
             yerr = w.std(ddof=1) if w.size > 1 else 0.0
-            ax.errorbar(f.mean(), w.mean(), xerr=xerr, yerr=yerr, fmt="o", capsize=4,
+            ax.errorbar(f.mean(), w.mean(), xerr=xerr, yerr=yerr, fmt="o", capsize=4, markersize=7,
                         color=colors[lab], label=f"{lab} (n={f.size})")
-            ax.annotate(lab, (f.mean(), w.mean()), textcoords="offset points", xytext=(6, 6), fontsize=8)
             plotted += 1
         if not plotted:
             continue
         ax.set_xlabel("Average forgetting (%)  ← better")
-        ax.set_ylabel("Forward transfer (%)  better →")
+        ax.set_ylabel(f"{y_name} (%)  better →")
         ax.grid(alpha=0.3)
-        ax.set_title(f"Forward transfer vs. forgetting — {proto}\n(mean ± std over seeds)")
-        ax.legend(fontsize="small")
+        note = "\n(forward transfer is 0 for every method here)" if degenerate and fwt.size else ""
+        ax.set_title(f"{y_name} vs. forgetting — {proto}\n(mean ± std over seeds){note}")
+        ax.legend(fontsize="small", loc="best")
         path = out_dir / f"transfer_vs_forgetting_{_slug(proto)}.png"
         fig.savefig(path, dpi=150)
         files.append(path)
