@@ -315,24 +315,7 @@ class SignalEncoder(FeatureEncoder):
         return torch.cat([chunks.mean(2), chunks.std(2, unbiased=False)], -1)
 
 
-def build(
-    variant: str = "v1",
-    device: str = "cpu",
-    clip_seconds: float = 2.0,
-    frames_per_clip: int = 8,
-    image_size: int = 64,
-    audio_rate: int = 16000,
-    grid: int = 2,
-    dense_grid: int = 8,
-    hue_bins: int = 12,
-    orientation_bins: int = 8,
-    n_mels: int = 64,
-    n_fft: int = 1024,
-    hop_length: int = 160,
-    fmin: float = 60.0,
-    fmax: float | None = None,
-    window_seconds: float = 0.25,
-) -> SignalEncoder:
+def build(variant: str = "v1", device: str = "cpu", **options) -> SignalEncoder:
     """Registry hook: the frozen ``signal`` encoder (no weights; ``variant`` must be ``"v1"``).
 
     Example: ``build(frames_per_clip=4, image_size=32).streams()`` →
@@ -341,9 +324,4 @@ def build(
     """
     if variant != SignalEncoder.variant:
         raise ValueError(f"signal encoder: unknown variant {variant!r}; the only one is {SignalEncoder.variant!r}")
-    enc = SignalEncoder(
-        clip_seconds=clip_seconds, frames_per_clip=frames_per_clip, image_size=image_size, audio_rate=audio_rate,
-        grid=grid, dense_grid=dense_grid, hue_bins=hue_bins, orientation_bins=orientation_bins, n_mels=n_mels,
-        n_fft=n_fft, hop_length=hop_length, fmin=fmin, fmax=fmax, window_seconds=window_seconds,
-    )
-    return enc.to(device).freeze()
+    return SignalEncoder(**options).to(device).freeze()

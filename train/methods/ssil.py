@@ -10,28 +10,12 @@ sample of the batch, as in the AV-CIL benchmark's SS-IL.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from train.methods import losses
-from train.methods.base import Hparams, Method, register_method
-
-
-@dataclass(frozen=True)
-class SSILHparams(Hparams):
-    lamb: float = 1.0  # weight of the task-wise KD
-    T: float = 2.0
+from train.methods.base import register_method
+from train.methods.lwf import LwF
 
 
 @register_method("ssil")
-class SSIL(Method):
-    Hparams = SSILHparams
-    replay = "paired"
-    uses_teacher = True
+class SSIL(LwF):
+    """LwF's loss (separated softmax + task-wise KD) on current samples joined by exemplars."""
 
-    def loss(self, batch, out):
-        terms = {"ce": losses.task_separated_ce(out["logits"], batch["y"], self.n_old)}
-        old = self.teacher(batch)
-        if old is not None:
-            terms["kd"] = self.hp.lamb * losses.task_wise_kd(
-                out["logits"], old["logits"], self.trainer.offsets_old, self.hp.T)
-        return terms
+    replay = "paired"
