@@ -119,3 +119,158 @@ def test_bad_inputs_are_named():
         S.avsbench_miou(np.zeros((2, 2, 2)), np.zeros((2, 2), dtype=int))
     with pytest.raises(ValueError, match="frame 1"):
         S.avsbench_miou(np.array([[[0.0]], [[np.nan]]]), np.zeros((2, 1, 1)))
+
+
+# -- CL-AVS metrics: pixel mAP, Max-F, Dice, AUPR ------------------------------------
+# Frame A ranked by score: 0.9 (+), 0.6 (+), 0.2 (-), 0.1 (+); 3 foreground pixels.
+#   AP_A = P*dR summed: 1 * 1/3 + 1 * 1/3 + (2/3) * 0 + (3/4) * 1/3 = 11/12
+# Frame B: its one foreground pixel has the top score: AP_B = 1.
+AP_A, AP_B = 11 / 12, 1.0
+EMPTY = np.zeros((2, 2), int)
+
+
+def test_pixel_map_hand_computed_and_empty_mask_conventions():
+    probs, masks = np.stack([PA, PB]), np.stack([GA, GB])
+    assert S.pixel_map(PA[None], GA[None], from_logits=False) == pytest.approx(AP_A)
+    assert S.pixel_map(probs, masks, from_logits=False) == pytest.approx((AP_A + AP_B) / 2)
+    # a frame with an empty mask: left out by default, AP 0 with empty="zero"
+    probs3, masks3 = np.stack([PA, PB, PA]), np.stack([GA, GB, EMPTY])
+    acc = S.PixelAPAccumulator()
+    acc.update(probs3, masks3, from_logits=False)
+    assert acc.compute() == pytest.approx((AP_A + AP_B) / 2) and acc.frames == 2 and acc.skipped == 1
+    assert S.pixel_map(probs3, masks3, from_logits=False, empty="zero") == pytest.approx((AP_A + AP_B) / 3)
+    assert np.isnan(S.pixel_map(PA[None], EMPTY[None], from_logits=False))
+    # logits and their probabilities give the same ranking
+    assert S.pixel_map(np.log(PA / (1 - PA))[None], GA[None]) == pytest.approx(AP_A)
+
+
+def test_pixel_map_ties_within_a_bin_enter_together():
+    # ranked: 0.9 (+), 0.8 (-), 0.7 (+), 0.1 (-): exact AP = 1 * 1/2 + (2/3) * 1/2 = 5/6
+    p = np.array([[[0.9, 0.8], [0.7, 0.1]]])
+    g = np.array([[[1, 0], [1, 0]]])
+    assert S.pixel_map(p, g, from_logits=False) == pytest.approx(5 / 6)
+    # 2 bins: 0.9, 0.8, 0.7 are tied in [0.5, 1] -> one point P = 2/3, R = 1 -> AP = 2/3
+    assert S.pixel_map(p, g, from_logits=False, num_bins=2) == pytest.approx(2 / 3)
+
+
+def test_max_f_is_the_whole_set_fscore_with_beta2_option():
+    probs, masks = np.stack([PA, PB, PA]), np.stack([GA, GB, EMPTY])
+    assert S.max_f(probs, masks, from_logits=False) == S.avsbench_fscore(probs, masks, from_logits=False)
+    # beta^2 = 1 (F1) on frame A: thresholds <= 0.1 give P 3/4, R 1 -> F1 = 6/7 (the max;
+    # (0.1, 0.2]: 2/3, (0.2, 0.6]: P 1, R 2/3 -> 0.8, (0.6, 0.9]: 0.5)
+    assert S.max_f(PA[None], GA[None], from_logits=False, beta2=1.0) == pytest.approx(6 / 7)
+
+
+def test_dice_per_frame_pooled_and_empty_conventions():
+    logits = np.array(
+        [
+            [[2.0, -1.0], [3.0, -2.0]],  # P = {(0,0), (1,0)}
+            [[1.0, -1.0], [-1.0, -1.0]],  # P = {(0,0)}
+            [[0.0, 0.0], [0.0, 0.0]],  # nothing (sigmoid 0.5 is not > 0.5)
+            [[-1.0, -1.0], [-1.0, -1.0]],  # nothing
+        ]
+    )
+    masks = np.array([[[1, 1], [0, 0]], EMPTY, [[0, 255], [0, 0]], EMPTY])
+    # 2*1/(2+2); empty mask but 1 pixel predicted: 0; missed object: 0; both empty: 1
+    np.testing.assert_allclose(S.frame_dice(logits, masks), [0.5, 0.0, 0.0, 1.0])
+    # pooled: 2 * 1 / (|P| 3 + |G| 3)
+    assert S.dice(logits, masks) == pytest.approx({"mean": 1.5 / 4, "pooled": 1 / 3})
+    assert S.dice(-np.ones((2, 3, 3)), np.zeros((2, 3, 3))) == {"mean": 1.0, "pooled": 1.0}
+    assert all(np.isnan(v) for v in S.DiceAccumulator().compute().values())
+
+
+def test_aupr_hand_computed_over_pooled_pixels():
+    probs, masks = np.stack([PA, PB]), np.stack([GA, GB])
+    # pooled ranking: .9+ .6+ .2- .15+ .1+ .05- .05- .05-, 4 foreground pixels
+    # (R, P): (0,1) (.25,1) (.5,1) (.5,2/3) (.75,3/4) (1,4/5) (1,1/2)
+    expected = 0.25 + 0.25 + 0.25 * (2 / 3 + 3 / 4) / 2 + 0.25 * (3 / 4 + 4 / 5) / 2
+    acc = S.AUPRAccumulator()
+    acc.update(probs, masks, from_logits=False)
+    assert acc.compute() == pytest.approx(expected)
+    rec, prec = acc.curve()
+    np.testing.assert_allclose(rec, [0, 0.25, 0.5, 0.5, 0.75, 1, 1])
+    np.testing.assert_allclose(prec, [1, 1, 1, 2 / 3, 3 / 4, 4 / 5, 1 / 2])
+    assert acc.pooled_ap() == pytest.approx(0.25 + 0.25 + 0.25 * 3 / 4 + 0.25 * 4 / 5)
+    # an empty-mask frame's pixels join the ranking: four negatives at 0.95 come first
+    # (R, P): (0,1) (0,0) (.25,1/5) (.5,1/3) (.5,2/7) (.75,3/8) (1,4/9) (1,1/3)
+    with_empty = S.aupr(np.stack([PA, PB, np.full((2, 2), 0.95)]), np.stack([GA, GB, EMPTY]), from_logits=False)
+    expected = 0.25 * (
+        (0 + 1 / 5) / 2 + (1 / 5 + 1 / 3) / 2 + (2 / 7 + 3 / 8) / 2 + (3 / 8 + 4 / 9) / 2
+    )
+    assert with_empty == pytest.approx(expected)
+    assert np.isnan(S.aupr(PA[None], EMPTY[None], from_logits=False))
+
+
+def _random_set(seed, n=8, size=24):
+    rng = np.random.default_rng(seed)
+    masks = (rng.random((n, size, size)) < 0.3).astype(np.uint8)
+    masks[1] = 0  # an empty frame
+    logits = rng.normal(0.0, 1.5, size=masks.shape) + 1.5 * masks
+    return logits.astype(np.float32), masks
+
+
+def test_accumulators_do_not_depend_on_batching():
+    logits, masks = _random_set(1)
+    whole = [S.PixelAPAccumulator(), S.PixelAPAccumulator(empty="zero"), S.AUPRAccumulator(),
+             S.DiceAccumulator(), S.FScoreAccumulator()]
+    parts = [S.PixelAPAccumulator(), S.PixelAPAccumulator(empty="zero"), S.AUPRAccumulator(),
+             S.DiceAccumulator(), S.FScoreAccumulator()]
+    for acc in whole:
+        acc.update(logits, masks)
+    for lo, hi in [(0, 1), (1, 4), (4, 8)]:
+        for acc in parts:
+            acc.update(logits[lo:hi], masks[lo:hi])
+    for a, b in zip(whole, parts):
+        assert b.compute() == pytest.approx(a.compute(), rel=1e-12), type(a).__name__
+    np.testing.assert_array_equal(whole[2].histogram, parts[2].histogram)
+
+
+def _exact_ap_aupr(scores, labels):
+    """Step-sum AP and trapezoidal AUPR of one ranking by sorting (ties form one point)."""
+    order = np.argsort(-scores, kind="stable")
+    s, g = scores[order], labels[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # last index of each tie group
+    tp = np.cumsum(g)[last]
+    prec, rec = tp / (last + 1), tp / g.sum()
+    ap = np.sum(prec * np.diff(rec, prepend=0.0))
+    r, p = np.r_[0.0, rec], np.r_[1.0, prec]
+    return ap, np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2)
+
+
+def test_histogram_ap_and_aupr_match_sorted_scores():
+    logits, masks = _random_set(2, n=6, size=40)
+    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    frames = [f for f in range(len(masks)) if masks[f].any()]
+    exact_map = np.mean([_exact_ap_aupr(probs[f].ravel(), masks[f].ravel())[0] for f in frames])
+    exact_ap, exact_aupr = _exact_ap_aupr(probs.ravel(), masks.ravel())
+    # stated tolerance: differences of order 1 / num_bins when scores spread over [0, 1]
+    acc = S.AUPRAccumulator(num_bins=1000)
+    acc.update(probs, masks, from_logits=False)
+    assert abs(S.pixel_map(probs, masks, from_logits=False) - exact_map) < 2e-3
+    assert abs(acc.compute() - exact_aupr) < 2e-3
+    assert abs(acc.pooled_ap() - exact_ap) < 2e-3
+    # with few bins the error grows, as documented
+    assert abs(S.aupr(probs, masks, from_logits=False, num_bins=4) - exact_aupr) > 5e-3
+    # scores already on the bin grid: the histogram is exact
+    b = 64
+    grid = (np.floor(probs * b) + 0.5) / b
+    exact_map = np.mean([_exact_ap_aupr(grid[f].ravel(), masks[f].ravel())[0] for f in frames])
+    exact_ap, exact_aupr = _exact_ap_aupr(grid.ravel(), masks.ravel())
+    assert S.pixel_map(grid, masks, from_logits=False, num_bins=b) == pytest.approx(exact_map, rel=1e-12)
+    assert S.aupr(grid, masks, from_logits=False, num_bins=b) == pytest.approx(exact_aupr, rel=1e-12)
+
+
+def test_new_metrics_leave_inputs_alone_and_name_bad_input():
+    logits, masks = _random_set(3, n=2, size=4)
+    before = (logits.copy(), masks.copy())
+    S.pixel_map(logits, masks), S.aupr(logits, masks), S.dice(logits, masks), S.max_f(logits, masks)
+    np.testing.assert_array_equal(logits, before[0])
+    np.testing.assert_array_equal(masks, before[1])
+    with pytest.raises(ValueError, match="frame 1 lie outside"):
+        S.pixel_map(np.array([[[0.5]], [[1.5]]]), np.ones((2, 1, 1)), from_logits=False)
+    with pytest.raises(ValueError, match="num_bins"):
+        S.AUPRAccumulator(num_bins=0)
+    with pytest.raises(ValueError, match="empty must be"):
+        S.PixelAPAccumulator(empty="ignore")
+    with pytest.raises(ValueError, match=r"DiceAccumulator.update.*\(1, 2, 2\) and \(1, 3, 3\)"):
+        S.DiceAccumulator().update(np.zeros((1, 2, 2)), np.zeros((1, 3, 3)))
