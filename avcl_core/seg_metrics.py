@@ -236,6 +236,7 @@ class DiceAccumulator:
         self.frames += inter.size
 
     def compute(self) -> dict[str, float]:
+        """``{'mean': per-frame Dice averaged, 'pooled': dataset-level Dice}``."""
         if self.frames == 0:
             return {"mean": float("nan"), "pooled": float("nan")}
         pooled = 2.0 * self._inter / self._total if self._total else 1.0
