@@ -30,7 +30,7 @@ demo: $(STAMP)
 	avcl-data synth --out $(DEMO)/synth --classes 12 --clips-per-class 20 --seed 0; \
 	echo "== 2/4 extract features with the weight-free signal encoder"; \
 	avcl-extract --dataset synth --root $(DEMO)/synth --encoder signal --cache-dir $(DEMO)/cache --workers 2; \
-	echo "   (pretrained encoders instead: avcl-extract --dataset synth --root $(DEMO)/synth --encoder sam-audio --checkpoint /path/to/sam-audio/checkpoint.pt)"; \
+	echo "   (pretrained encoders instead: avcl-extract --dataset synth --root $(DEMO)/synth --encoder sam-audio -o clip_seconds=2 --checkpoint /path/to/sam-audio/checkpoint.pt --device cuda)"; \
 	store=$$(ls -td $(DEMO)/cache/synth/signal-*.zarr | head -n 1); \
 	echo "== 3/4 train on synth-4x3 from $$store"; \
 	avcl-train --cache $$store --protocol synth-4x3 --method finetune,ssil,lll,joint --seeds $(SEEDS) \
