@@ -35,7 +35,7 @@ PACK_FORMAT = "avcl-store-pack"
 PACK_VERSION = 1
 PACK_MANIFEST = "AVCL-PACK.json"
 PACK_HASHES = "AVCL-PACK.sha256.json"
-_SKIP_SUFFIXES = (".claim",)
+_SKIP_SUFFIXES = (".claim", ".claim.lock")
 
 
 class ArchiveError(StoreError):

@@ -353,18 +353,17 @@ def _write_shard(store: FeatureStore, i: int, ids: list[str], source: FeatureFil
     for j, sid in enumerate(ids[rows]):
         if bar is not None:
             bar.update(1)
-        v = source.get(sid)
-        if v is None:
+        if sid not in source:
             status[j], valid[j] = STATUS_MISSING, 0.0
             failures.append(ShardFailure(sid, STATUS_MISSING, f"{MISSING_REASON} ({source.path.name})"))
             continue
-        try:
-            out = transform(v)
+        try:  # one damaged entry (not numbers, wrong shape) is that row's failure, not the import's
+            out = transform(source.get(sid))
             for k, a in out.items():
                 feats[k][j] = a
             if not all(np.isfinite(feats[k][j]).all() for k in out):
                 raise ValueError("values that overflow float16")
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             for k in feats:
                 feats[k][j] = 0
             status[j], valid[j] = STATUS_UNREADABLE, 0.0

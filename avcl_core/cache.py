@@ -143,6 +143,25 @@ def _array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _move_dead_claim(path: Path, dead: dict) -> None:
+    """Move the claim file at ``path`` aside if it still is ``dead`` (a dead writer's claim).
+
+    Contenders on this host (the only ones that take claims over) serialise on a lock
+    file: a contender that judged the claim dead after another had already replaced it
+    with a fresh claim must leave that fresh claim alone, or both would write the shard.
+    """
+    import fcntl
+
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            now = json.loads(path.read_text() or "{}")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if now == dead:
+            path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
+
+
 @dataclass(frozen=True)
 class ShardFailure:
     sample_id: str
@@ -298,10 +317,7 @@ class FeatureStore:
                 except (FileNotFoundError, json.JSONDecodeError):
                     holder = {}
                 if holder.get("host") == me["host"] and holder.get("pid") and not _pid_alive(int(holder["pid"])):
-                    try:  # only one of several contenders wins this rename
-                        path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
-                    except FileNotFoundError:
-                        pass
+                    _move_dead_claim(path, holder)
                     continue
                 if not holder:  # claim file being written right now
                     time.sleep(0.05)
@@ -376,15 +392,19 @@ class FeatureStore:
     def finalize(self) -> bool:
         """Mark the store complete when every shard is done; returns whether it is."""
         self._require_writable()
+        # zarr keeps the attributes read at open time and rewrites the whole document on
+        # update: re-read them, so neither a stale status nor stale attributes of this
+        # handle undo what other writers (or a repair) wrote since
+        self.group = zarr.open_group(self.path, mode="r+")
+        self._attrs_cache = None
         if self.status == "complete":
             return True
         if self.pending_shards():
             return False
         status = self.read("status")
         counts = {STATUS_NAMES.get(int(c), str(int(c))): int((status == c).sum()) for c in np.unique(status)}
-        attrs = dict(self.group.attrs)
-        attrs.update(status="complete", counts=counts, completed=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        self.group.attrs.update(attrs)
+        self.group.attrs.update(dict(status="complete", counts=counts,
+                                     completed=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
         return True
 
     def failures(self) -> list[dict]:

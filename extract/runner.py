@@ -254,12 +254,18 @@ class _Decoders:
             return self.pool.submit(decode_row, row, self.root, self.pp)
 
     def result(self, job, row: dict) -> DecodedClip:
-        if job is None:
-            return decode_row(row, self.root, self.pp)
         try:
-            return job.result()
-        except BrokenProcessPool:
-            return self._isolated(row)
+            if job is None:
+                return decode_row(row, self.root, self.pp)
+            try:
+                return job.result()
+            except BrokenProcessPool:
+                return self._isolated(row)
+        except Exception as e:  # noqa: BLE001 - decode_row reports bad media as a status; this is a bad row
+            what = row.get("video") or row.get("frames") or row.get("audio")
+            raise ValueError(f"sample {row.get('sample_id')!r} ({Path(self.root) / str(what)}): cannot be decoded "
+                             f"({type(e).__name__}: {e}); fix its manifest row and run the same command again; "
+                             "finished shards are kept") from e
 
     def _isolated(self, row: dict) -> DecodedClip:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=_init_decode_worker) as one:

@@ -125,3 +125,22 @@ def test_a_row_decode_cannot_handle_is_named_and_done_shards_are_kept(avcl_media
     st = C.open_store(path, allow_incomplete=True)
     assert st.done_shards() == {0} and st.pending_shards() == [1]
     assert st.claim_holder(1) is None  # released, so a rerun (after fixing the row) takes it
+
+
+def test_pack_leaves_out_claim_lock_files(tmp_path):
+    import socket
+    import tarfile
+
+    from avcl_core.archive import pack_store
+
+    path = str(tmp_path / "toy" / "s.zarr")
+    st = C.create_store(path, key_material=MATERIAL, manifest=_manifest(), streams={"audio": (2,)}, rows_per_shard=4)
+    claim = tmp_path / "toy" / "s.zarr" / C.SHARDS_DIR / "000000.claim"
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": 999_999_999, "time": 0.0}))
+    _write_all(st)  # takes the dead claim over, leaving its lock file
+    assert st.finalize() and (claim.parent / "000000.claim.lock").exists()
+    res = pack_store(path, tmp_path / "out.tar")
+    with tarfile.open(res.archive) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("000000.done.json") for n in names)
+    assert not [n for n in names if ".claim" in n]
