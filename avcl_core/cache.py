@@ -52,6 +52,7 @@ warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a 
 TARGET_SHARD_BYTES = 24 << 20
 TARGET_CHUNK_BYTES = 2 << 20
 SHARDS_DIR = "_shards"
+EMPTY_CLAIM_TIMEOUT_S = 30.0  # an empty claim file this old was left by a writer that died claiming
 META_ARRAYS = ("status", "valid_len", "labels", "labels_multi", "sample_id")
 
 STATUS_PENDING = 0
@@ -156,8 +157,10 @@ def _move_dead_claim(path: Path, dead: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             now = json.loads(path.read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError):
+        except FileNotFoundError:
             return
+        except json.JSONDecodeError:  # half-written by a writer that died while claiming
+            now = {}
         if now == dead:
             path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
 
@@ -319,7 +322,14 @@ class FeatureStore:
                 if holder.get("host") == me["host"] and holder.get("pid") and not _pid_alive(int(holder["pid"])):
                     _move_dead_claim(path, holder)
                     continue
-                if not holder:  # claim file being written right now
+                if not holder:  # being written right now, or its writer died while writing it
+                    try:
+                        age = time.time() - path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age > EMPTY_CLAIM_TIMEOUT_S:
+                        _move_dead_claim(path, {})
+                        continue
                     time.sleep(0.05)
                     continue
                 return False
@@ -538,6 +548,8 @@ def open_store(
     except Exception as e:  # noqa: BLE001
         raise StoreError(f"{path}: not a readable feature store ({type(e).__name__}: {e})") from None
     store = FeatureStore(path, group, writable=False)
+    if key is not None and len(key) < 6:
+        raise StoreError(f"{path}: asked for key {key!r}; give at least 6 hex digits of the store key")
     if "key" not in store.attrs:
         raise StoreError(f"{path}: a Zarr group without avcl key attributes, not a feature store")
     if key is not None and not store.key.startswith(key):

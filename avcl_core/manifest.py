@@ -114,6 +114,12 @@ class Manifest:
             seen.add(r["sample_id"])
             if r["split"] not in SPLITS:
                 raise ManifestError(f"{where}: sample {r['sample_id']!r} has split {r['split']!r}, not one of {SPLITS}")
+            for k in ("start", "end"):
+                v = r.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                    raise ManifestError(f"{where}: sample {r['sample_id']!r} has {k} {v!r}, not a number of seconds >= 0")
+            if r.get("start") is not None and r.get("end") is not None and r["end"] <= r["start"]:
+                raise ManifestError(f"{where}: sample {r['sample_id']!r} ends ({r['end']}) before it starts ({r['start']})")
 
     # -- files ------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

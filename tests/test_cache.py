@@ -122,3 +122,31 @@ def test_multilabel_rows(tmp_path):
                         streams={"audio": (2,)})
     np.testing.assert_array_equal(st.read("labels_multi"), [[0, 2], [1, -1]])
     assert st.attrs["classes"] == ["x", "y", "z"]
+
+
+def test_an_empty_claim_left_by_a_dead_writer_is_taken_over_once_old(tmp_path):
+    st = C.create_store(str(tmp_path / "s.zarr"), key_material=_material(), manifest=_manifest(4),
+                        streams={"audio": (2,)}, rows_per_shard=2)
+    claim = tmp_path / "s.zarr" / C.SHARDS_DIR / "000001.claim"
+    claim.write_text("")  # a writer died between creating and filling its claim
+    assert not st.claim(1)  # fresh: it may still be being written
+    old = claim.stat().st_mtime - C.EMPTY_CLAIM_TIMEOUT_S - 5
+    os.utime(claim, (old, old))
+    assert st.claim(1)
+    assert json.loads(claim.read_text())["pid"] == os.getpid()
+
+
+def test_manifest_rejects_bad_times_naming_the_sample():
+    row = {"sample_id": "x1", "dataset": "d", "split": "train", "label": 0, "class_name": "a", "video": "x1.mp4"}
+    with pytest.raises(Exception, match="x1.*start 'ten'"):
+        Manifest([{**row, "start": "ten"}])
+    with pytest.raises(Exception, match="x1.*ends"):
+        Manifest([{**row, "start": 5.0, "end": 2.0}])
+    assert len(Manifest([{**row, "start": 1, "end": 2.5}])) == 1
+
+
+def test_a_too_short_key_prefix_is_refused(tmp_path):
+    st = C.create_store(str(tmp_path / "s.zarr"), key_material=_material(), manifest=_manifest(2), streams={"audio": (2,)})
+    _fill(st)
+    with pytest.raises(C.StoreError, match="at least 6"):
+        C.open_store(str(tmp_path / "s.zarr"), key="")

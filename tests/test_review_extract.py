@@ -117,8 +117,10 @@ class _Tiny(FeatureEncoder):
 def test_a_row_decode_cannot_handle_is_named_and_done_shards_are_kept(avcl_media_dir, tmp_path):
     rows = [{"sample_id": f"r{i}", "dataset": "media", "split": "train", "label": 0, "class_name": "c",
              "video": "ok.mp4"} for i in range(4)]
-    rows[3]["start"] = "ten"  # not a number: decode_clip cannot use it
     m = Manifest(rows)
+    # Manifest() itself refuses such a row; changed afterwards, it reaches the decoder,
+    # which must still name it rather than fail anonymously.
+    m.rows[3]["start"] = "ten"
     with pytest.raises(ValueError, match=r"r3.*ok\.mp4.*ten"):
         extract(m, avcl_media_dir, _Tiny(), tmp_path, workers=0, progress=False, rows_per_shard=2)
     [path] = C.find_stores(tmp_path)
