@@ -153,3 +153,13 @@ def test_small_heads_train_on_one_thread_large_ones_on_more(toy):
     assert big == os.cpu_count()
     assert auto_threads(fs, method_hparams("lll", {"batch_size": 100000}), head_config("guided"),
                         parallel=os.cpu_count()) == 1
+
+
+def test_single_task_metrics_json_is_strict_json(toy, tmp_path):
+    res = main(["--cache", toy.store, "--class-order", "sorted", "--classes-per-task", "6", "--protocol", "one-task",
+                "--method", "finetune", "--out", str(tmp_path), *FAST])
+    assert res[0]["status"] == "ok"
+    text = (tmp_path / "one-task" / "finetune" / "seed0" / "metrics.json").read_text()
+    met = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert met["average_forgetting"] is None and met["backward_transfer"] is None  # undefined for one task
+    assert 0.0 <= met["mean_accuracy"] <= 1.0

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="local worker processes when no --scheduler (default 1: in-process)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per run (default: 1 for small heads, more for large ones, "
-                        "at most cores / parallel runs)")
+                        "at most cores / parallel runs); runs repeat bit-exactly for the same count, "
+                        "recorded in config.json as torch_threads")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last task checkpoint")
     p.add_argument("--force", action="store_true", help="retrain runs that are already done")
     p.add_argument("--out", required=True, metavar="RUNDIR", help="root of the run directories")

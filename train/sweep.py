@@ -230,6 +230,9 @@ def run_one(spec: RunSpec) -> dict:
         result["head"] = head
         torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
         cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
+        # Float sums differ with the thread count, so runs repeat bit-exactly for the same
+        # count; it is recorded (outside the config hash, which says what is trained).
+        cfg["torch_threads"] = torch.get_num_threads()
         cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
         if met_path.is_file() and not spec.force:
             old = _read_json(cfg_path)

@@ -533,11 +533,12 @@ class Trainer:
         seconds = time.perf_counter() - t_run
         if self.run_dir is not None:
             write_acc_matrix(self.run_dir / "acc_matrix.csv", A)
-            out = dict(metrics)
+            # undefined metrics (e.g. forgetting of a single task) are null: strict JSON has no NaN
+            out = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in metrics.items()}
             out["n_test"] = [int(x.size) for x in self.split_idx["test"]]
             out["train_seconds"] = round(seconds, 3)
             tmp = self.run_dir / "metrics.json.tmp"
-            tmp.write_text(json.dumps(out, indent=2))
+            tmp.write_text(json.dumps(out, indent=2, allow_nan=False))
             tmp.replace(self.run_dir / "metrics.json")
         return RunResult(A, step_acc, metrics, str(self.run_dir) if self.run_dir else None, resumed_from, seconds)
 
