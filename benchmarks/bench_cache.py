@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +34,7 @@ from avcl_core.manifest import Manifest  # noqa: E402
 from extract.encoders import build_encoder  # noqa: E402
 from extract.runner import extract  # noqa: E402
 from train.features import FeatureSet  # noqa: E402
+from results import record_section  # noqa: E402
 
 SECTION = "## feature cache (CPU)"
 
@@ -107,11 +106,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-        new = pattern.sub(text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-        path.write_text(new)
+        record_section(text)
     return 0
 
 

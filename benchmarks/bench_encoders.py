@@ -8,7 +8,7 @@ to the default 8 frames per clip. The ``ratio`` column is base time / tiny time 
 
 Example::
 
-    python benchmarks/bench_encoders.py --record        # append a table to benchmarks/RESULTS.md
+    python benchmarks/bench_encoders.py --record        # record the table in benchmarks/RESULTS.md
     python benchmarks/bench_encoders.py --encoders pann-cnn14 --variants tiny
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.encoders import build_encoder  # noqa: E402
+from results import record_section  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def _inputs(enc, clips: int, frames: int | None = None, seconds: float | None = None):
@@ -74,7 +74,7 @@ def main(argv=None) -> list[str]:
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length in seconds (default 10)")
     ap.add_argument("--pe-frames", type=int, default=2, help="frames timed through base PE-L (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--record", action="store_true", help=f"append the table to {RESULTS.name}")
+    ap.add_argument("--record", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,11 +104,7 @@ def main(argv=None) -> list[str]:
     print(header)
     print("\n".join(lines))
     if args.record:
-        new = not RESULTS.exists()
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write("# Benchmark results\n")
-            f.write(f"\n## encoders (CPU)\n\n{header}\n\n" + "\n".join(lines) + "\n")
+        record_section(f"## encoders (CPU)\n\n{header}\n\n" + "\n".join(lines))
     return lines
 
 

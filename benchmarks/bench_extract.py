@@ -9,7 +9,7 @@ the ratio of the two is what overlapping decoding with encoding gains.
 Usage::
 
     python benchmarks/bench_extract.py                      # prints a table
-    python benchmarks/bench_extract.py --record             # and appends it to benchmarks/RESULTS.md
+    python benchmarks/bench_extract.py --record             # and records it in benchmarks/RESULTS.md
     python benchmarks/bench_extract.py --encoders signal --classes 2 --clips-per-class 4
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from avcl_core.manifest import Manifest
 from avcl_core.synth import render
 from extract.encoders import build_encoder
 from extract.runner import extract
+from results import record_section
 
-HERE = Path(__file__).resolve().parent
 
 #: name -> (label, build options); clip_seconds is set from the rendered clips.
 CONFIGS = {
@@ -53,22 +53,6 @@ SECTION_INTRO = ("`benchmarks/bench_extract.py`: clips/s of `extract.runner.extr
                  "decoding in the encoding process (workers=0) and in worker processes.\n")
 
 
-def record(path: Path, text: str) -> None:
-    """Append ``text`` at the end of the ``## extraction (CPU)`` section of ``path`` (created if absent)."""
-    existing = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = existing.rstrip("\n").split("\n")
-    if SECTION not in lines:
-        lines += ["", SECTION, "", SECTION_INTRO.rstrip("\n")]
-    start = lines.index(SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    block = lines[start:end]
-    while block and not block[-1].strip():
-        block.pop()
-    lines[start:end] = block + [""] + text.rstrip("\n").split("\n") + ([""] if end < len(lines) else [])
-    path.write_text("\n".join(lines) + "\n")
-    print(f"recorded in {path}")
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoders", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
@@ -77,7 +61,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--workers", type=int, default=2, help="decoding processes of the overlapped run")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--record", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.encoders.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -120,7 +104,7 @@ def main(argv=None) -> list[dict]:
     text = "\n".join(table) + "\n"
     print("\n" + text)
     if args.record:
-        record(HERE / "RESULTS.md", text)
+        record_section(f"{SECTION}\n\n{SECTION_INTRO}\n{text}")
     return rows
 
 

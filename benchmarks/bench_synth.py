@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from avcl_core import synth
+from results import record_section
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## synth rendering"
@@ -54,15 +55,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def record(text: str) -> None:
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    if HEADING in old:
-        head, rest = old.split(HEADING, 1)
-        nxt = rest.find("\n## ")
-        old = head.rstrip("\n") + "\n" + (rest[nxt:] if nxt >= 0 else "")
-    RESULTS.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, default=12)
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(summary)
     if args.record:
         cpus = synth.default_workers()
-        record(
+        record_section(
             f"{HEADING}\n\n"
             f"`synth.render` of {args.classes} classes x {args.clips_per_class} clips (2 s, 96 px, 8 fps, "
             f"16 kHz; H.264 + AAC + masks); {platform.machine()}, {cpus} CPUs available, fastest of "

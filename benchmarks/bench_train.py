@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from train.features import FeatureSet  # noqa: E402
 from train.heads import build_head  # noqa: E402
 from train.trainer import CILModel  # noqa: E402
+from results import record_section  # noqa: E402
 from train_fixtures import gaussian_features, toy_manifest, write_store  # noqa: E402
 
 SECTION = "## training (CPU)"
@@ -186,11 +186,7 @@ def main(argv=None) -> str:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        out = ROOT / "benchmarks" / "RESULTS.md"
-        old = out.read_text() if out.exists() else "# Benchmark results\n\n"
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-        new = pattern.sub(text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-        out.write_text(new)
+        record_section(text)
     return text
 
 
