@@ -163,3 +163,7 @@ def test_single_task_metrics_json_is_strict_json(toy, tmp_path):
     met = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert met["average_forgetting"] is None and met["backward_transfer"] is None  # undefined for one task
     assert 0.0 <= met["mean_accuracy"] <= 1.0
+    # the run is done: the second call reads metrics.json back (nulls included) for its summary
+    again = main(["--cache", toy.store, "--class-order", "sorted", "--classes-per-task", "6", "--protocol", "one-task",
+                  "--method", "finetune", "--out", str(tmp_path), *FAST])
+    assert again[0]["status"] == "skipped"

@@ -376,13 +376,17 @@ def summary_table(results: Iterable[dict]) -> str:
                     cells.append("FAILED")
                     continue
                 m = r.get("metrics") or {}
-                a, f = 100 * m.get("mean_accuracy", np.nan), 100 * m.get("average_forgetting", np.nan)
+                # metrics read back from metrics.json hold null where a metric is undefined
+                a, f = (100 * v if v is not None else np.nan
+                        for v in (m.get("mean_accuracy"), m.get("average_forgetting")))
                 accs.append(a)
                 forgs.append(f)
                 cells.append(f"{a:5.1f} / {f:5.1f}" + ("*" if r["status"] == "skipped" else ""))
             if accs:
                 sd = (lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0)
-                cells.append(f"{np.mean(accs):5.1f}±{sd(accs):.1f} / {np.nanmean(forgs):5.1f}±{sd(forgs):.1f}")
+                fin = [v for v in forgs if np.isfinite(v)]
+                f_mean = np.mean(fin) if fin else np.nan
+                cells.append(f"{np.mean(accs):5.1f}±{sd(accs):.1f} / {f_mean:5.1f}±{sd(fin):.1f}")
             else:
                 cells.append("")
             rows.append([lab] + cells)
