@@ -25,5 +25,10 @@ def manifests_dir() -> Path:
 
 
 def default_cache_root() -> str:
-    """Default cache root: ``AVCL_CACHE`` or the repository's ``cache/`` folder."""
-    return os.environ.get("AVCL_CACHE", str(REPO_ROOT / "cache"))
+    """Default cache root: ``AVCL_CACHE``, else the checkout's ``cache/`` folder, else
+    ``~/.cache/avcl`` (an install from a wheel has no checkout)."""
+    if "AVCL_CACHE" in os.environ:
+        return os.environ["AVCL_CACHE"]
+    if (REPO_ROOT / "cache" / "README.md").is_file():
+        return str(REPO_ROOT / "cache")
+    return str(Path.home() / ".cache" / "avcl")
