@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from avcl_core.builders.common import (
-    DUPLICATE, MALFORMED, OFF_PALETTE, UNKNOWN_CLASS, BuildError, Candidate, Report, find_file, finish,
+    MALFORMED, OFF_PALETTE, UNKNOWN_CLASS, BuildError, Candidate, Report, find_file, finish, first_occurrence,
     read_csv_rows, rel,
 )
 from avcl_core.manifest import SPLITS, Manifest
@@ -91,10 +91,8 @@ def build_s4(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
     seen: dict[str, int] = {}
     cands = []
     for lineno, name, cat, split in parsed:
-        if name in seen:
-            report.add(DUPLICATE, f"{name}: {csv_path.name} lines {seen[name]} and {lineno}; kept the first")
+        if not first_occurrence(seen, name, lineno, csv_path.name, report):
             continue
-        seen[name] = lineno
         fdir = _join(prefix, "s4_data/visual_frames", split, cat, name)
         mdir = _join(prefix, "s4_data/gt_masks", split, cat, name)
         audio = _join(prefix, "s4_data/audio_wav", split, cat, f"{name}.wav")
@@ -130,10 +128,8 @@ def build_ms3(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
         if not vid or split not in SPLITS:
             report.add(MALFORMED, f"{csv_path.name}:{lineno}: needs a video id and split train/val/test, got {row!r}")
             continue
-        if vid in seen:
-            report.add(DUPLICATE, f"{vid}: {csv_path.name} lines {seen[vid]} and {lineno}; kept the first")
+        if not first_occurrence(seen, vid, lineno, csv_path.name, report):
             continue
-        seen[vid] = lineno
         fdir = _join(prefix, "ms3_data/visual_frames", vid)
         mdir = _join(prefix, "ms3_data/gt_masks", split, vid)
         audio = _join(prefix, "ms3_data/audio_wav", split, f"{vid}.wav")
@@ -219,10 +215,8 @@ def build_avss(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
     seen: dict[str, int] = {}
     cands = []
     for lineno, _, uid, a_obj, split, subset in good:
-        if uid in seen:
-            report.add(DUPLICATE, f"{uid}: {csv_path.name} lines {seen[uid]} and {lineno}; kept the first")
+        if not first_occurrence(seen, uid, lineno, csv_path.name, report):
             continue
-        seen[uid] = lineno
         labels: list[int] = []
         for tok in a_obj.split("_"):
             if not tok or tok in NON_CLASS_TOKENS:

@@ -275,6 +275,16 @@ def finish(dataset: str, root: Path, candidates: Iterable[Candidate], report: Re
     return manifest
 
 
+def first_occurrence(seen: dict[str, int], sid: str, lineno: int, source: str, report: Report) -> bool:
+    """True the first time ``sid`` is met (recording its line in ``seen``); a repeat is
+    reported as a duplicate of the first and the caller skips it."""
+    if sid in seen:
+        report.add(DUPLICATE, f"{sid}: {source} lines {seen[sid]} and {lineno}; kept the first")
+        return False
+    seen[sid] = lineno
+    return True
+
+
 def find_file(root: Path, names: Sequence[str], subdirs: Sequence[str] = ("",)) -> Path | None:
     """First existing ``root/<subdir>/<name>`` (name matched case-insensitively), or None."""
     for sub in subdirs:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from avcl_core.builders.common import (
     DUPLICATE, LABEL_DIFFERS, MALFORMED, MISSING, NOT_ANNOTATED, UNKNOWN_CLASS, VIDEO_EXTS, BuildError, Candidate,
-    Report, find_file, finish, index_media, read_csv_rows, read_text_lines,
+    Report, find_file, finish, first_occurrence, index_media, read_csv_rows, read_text_lines,
 )
 from avcl_core.manifest import SPLITS, Manifest
 from avcl_core.protocols import Protocol, load_protocol, normalize_name
@@ -79,10 +79,8 @@ def _from_csv(dataset: str, root: Path, deep: bool, rows: list[tuple[int, str, s
     seen: dict[str, int] = {}
     cands = []
     for lineno, sid, cname, split in rows:
-        if sid in seen:
-            report.add(DUPLICATE, f"{sid}: vggsound.csv lines {seen[sid]} and {lineno}; kept the first")
+        if not first_occurrence(seen, sid, lineno, "vggsound.csv", report):
             continue
-        seen[sid] = lineno
         video = f"video/{sid}.mp4"
         cands.append(Candidate(
             {"sample_id": sid, "dataset": dataset, "split": split, "label": label[cname], "class_name": cname,
