@@ -9,7 +9,7 @@ import torch
 
 from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from train_fixtures import make_toy
+from train_fixtures import Interrupted, interrupt_before_task, make_toy
 from train.features import FeatureSet
 from train.methods import build_method
 from train.methods.base import Method
@@ -26,10 +26,6 @@ def toy(tmp_path_factory):
     return t, FeatureSet.from_stores([t.store]), root
 
 
-class _Interrupted(RuntimeError):
-    pass
-
-
 def _trainer(fs, proto, method, run_dir=None, **kw):
     m = method if isinstance(method, Method) else build_method(method, TINY)
     return Trainer(fs, proto, m, head_config=HEAD, seed=0, run_dir=run_dir, **kw)
@@ -41,16 +37,8 @@ def test_icarl_resume_restores_herded_memory_and_class_means(toy, tmp_path):
     full = _trainer(fs, proto, "icarl-nme", tmp_path / "full")
     res_full = full.fit()
 
-    cut = _trainer(fs, proto, "icarl-nme", tmp_path / "cut")
-    orig = cut.method.before_task
-
-    def crash_at_2(task):
-        if task == 2:
-            raise _Interrupted("task 2")
-        orig(task)
-
-    cut.method.before_task = crash_at_2
-    with pytest.raises(_Interrupted):
+    cut = interrupt_before_task(_trainer(fs, proto, "icarl-nme", tmp_path / "cut"), 2)
+    with pytest.raises(Interrupted):
         cut.fit()
     again = _trainer(fs, proto, "icarl-nme", tmp_path / "cut")
     res = again.fit(resume=True)

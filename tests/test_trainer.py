@@ -11,7 +11,7 @@ import torch
 from avcl_core import metrics as M
 from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from train_fixtures import make_toy, write_protocol
+from train_fixtures import Interrupted, interrupt_before_task, make_toy, write_protocol
 from train.features import FeatureSet
 from train.heads import HEADS, HeadError, build_head
 from train.heads.base import MultiHeadAttention
@@ -158,19 +158,8 @@ def test_files_and_checkpoints(toy, tmp_path):
 def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path):
     full = trainer(toy, "lll", run_dir=tmp_path / "full").fit()
 
-    class Crash(RuntimeError):
-        pass
-
-    tr = trainer(toy, "lll", run_dir=tmp_path / "cut")
-    orig = tr.method.before_task
-
-    def crash_at_2(task):
-        if task == 2:
-            raise Crash("interrupted")
-        orig(task)
-
-    tr.method.before_task = crash_at_2
-    with pytest.raises(Crash):
+    tr = interrupt_before_task(trainer(toy, "lll", run_dir=tmp_path / "cut"), 2)
+    with pytest.raises(Interrupted):
         tr.fit()
     assert not (tmp_path / "cut" / "metrics.json").exists()
     res = trainer(toy, "lll", run_dir=tmp_path / "cut").fit(resume=True)

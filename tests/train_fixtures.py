@@ -137,3 +137,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Interrupted(RuntimeError):
+    """Raised by :func:`interrupt_before_task` to stand for a run killed mid-way."""
+
+
+def interrupt_before_task(trainer, task: int):
+    """Make ``trainer.fit()`` raise :class:`Interrupted` when it reaches ``task``
+    (tasks before it finish and are checkpointed as usual)."""
+    orig = trainer.method.before_task
+
+    def before_task(t):
+        if t == task:
+            raise Interrupted(f"interrupted before task {task}")
+        orig(t)
+
+    trainer.method.before_task = before_task
+    return trainer
