@@ -485,6 +485,13 @@ def _protocols(table: Table) -> list[str]:
     return list(dict.fromkeys(p for p, _ in table.columns))
 
 
+def _save(fig: Figure, out_dir: Path, stem: str, proto: str) -> Path:
+    """Write ``fig`` as ``<out_dir>/<stem>_<protocol>.png`` (150 dpi)."""
+    path = out_dir / f"{stem}_{_slug(proto)}.png"
+    fig.savefig(path, dpi=150)
+    return path
+
+
 def plot_accuracy_curves(table: Table, out_dir: str | Path) -> list[Path]:
     """Per protocol: step accuracy (%) after each task, mean ± std band over seeds."""
     out_dir, files, colors = Path(out_dir), [], _colors(table)
@@ -516,9 +523,7 @@ def plot_accuracy_curves(table: Table, out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.set_title(f"Accuracy after each step — {proto}\n(mean ± std over seeds)")
         ax.legend(fontsize="small", loc="best")
-        path = out_dir / f"accuracy_curves_{_slug(proto)}.png"
-        fig.savefig(path, dpi=150)
-        files.append(path)
+        files.append(_save(fig, out_dir, "accuracy_curves", proto))
     return files
 
 
@@ -561,9 +566,7 @@ def plot_accuracy_matrices(table: Table, out_dir: str | Path) -> list[Path]:
             ax.set_visible(False)
         fig.colorbar(image, ax=axes, label="Accuracy (%)", shrink=0.8)
         fig.suptitle(f"Accuracy matrices — {proto} (mean over seeds)")
-        path = out_dir / f"acc_matrices_{_slug(proto)}.png"
-        fig.savefig(path, dpi=150)
-        files.append(path)
+        files.append(_save(fig, out_dir, "acc_matrices", proto))
     return files
 
 
@@ -608,9 +611,7 @@ def plot_transfer_vs_forgetting(table: Table, out_dir: str | Path) -> list[Path]
         note = "\n(forward transfer is 0 for every method here)" if degenerate and fwt.size else ""
         ax.set_title(f"{y_name} vs. forgetting — {proto}\n(mean ± std over seeds){note}")
         ax.legend(fontsize="small", loc="best")
-        path = out_dir / f"transfer_vs_forgetting_{_slug(proto)}.png"
-        fig.savefig(path, dpi=150)
-        files.append(path)
+        files.append(_save(fig, out_dir, "transfer_vs_forgetting", proto))
     return files
 
 
