@@ -307,11 +307,11 @@ def _import_stream(
                                f"{manifest.source} is in it (e.g. {manifest.sample_ids[0]!r}); wrong dataset?")
     try:  # a systematic format error should stop the import before anything is written
         transform(source.get(first))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise AvcilImportError(f"feature file {source.path}: {first!r} has {e}; is this the {role} file?") from None
     store = create_store(path, key_material=material, manifest=manifest, streams=streams,
                          rows_per_shard=rows_per_shard)
-    store.group.attrs.update({"provenance": {
+    store.update_attrs({"provenance": {
         "source": RELEASED_BY,
         "files": [source.describe(role)],
         "protocol": protocol_name,

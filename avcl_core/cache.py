@@ -399,14 +399,23 @@ class FeatureStore:
         self.release(i)
         return marker
 
-    def finalize(self) -> bool:
-        """Mark the store complete when every shard is done; returns whether it is."""
+    def refresh(self) -> "FeatureStore":
+        """Re-read the group metadata. zarr keeps the attributes read at open time and
+        rewrites the whole document on update, so a writer refreshes before updating;
+        otherwise its stale copy would undo what other writers (or a repair) wrote since."""
         self._require_writable()
-        # zarr keeps the attributes read at open time and rewrites the whole document on
-        # update: re-read them, so neither a stale status nor stale attributes of this
-        # handle undo what other writers (or a repair) wrote since
         self.group = zarr.open_group(self.path, mode="r+")
         self._attrs_cache = None
+        return self
+
+    def update_attrs(self, values: Mapping) -> None:
+        """Set some group attributes, keeping every other writer's."""
+        self.refresh().group.attrs.update(dict(values))
+        self._attrs_cache = None
+
+    def finalize(self) -> bool:
+        """Mark the store complete when every shard is done; returns whether it is."""
+        self.refresh()  # neither a stale status nor stale attributes of this handle may win
         if self.status == "complete":
             return True
         if self.pending_shards():
@@ -415,6 +424,7 @@ class FeatureStore:
         counts = {STATUS_NAMES.get(int(c), str(int(c))): int((status == c).sum()) for c in np.unique(status)}
         self.group.attrs.update(dict(status="complete", counts=counts,
                                      completed=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+        self._attrs_cache = None
         return True
 
     def failures(self) -> list[dict]:

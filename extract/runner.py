@@ -163,18 +163,6 @@ def open_writable(path: str, key: str | None = None) -> FeatureStore:
     return FeatureStore(str(path), group, writable=True)
 
 
-def refresh(store: FeatureStore) -> FeatureStore:
-    """Re-read the group metadata, so an attribute update does not undo another writer's."""
-    store.group = zarr.open_group(store.path, mode="r+")
-    store._attrs_cache = None
-    return store
-
-
-def update_attrs(store: FeatureStore, values: Mapping) -> None:
-    refresh(store).group.attrs.update(dict(values))
-    store._attrs_cache = None
-
-
 def _save_manifest_copy(store: FeatureStore, manifest: Manifest) -> None:
     target = Path(store.path) / STORE_MANIFEST
     if target.exists():
@@ -207,7 +195,7 @@ def prepare_store(
     if store.status != "complete":
         _save_manifest_copy(store, manifest)
         if "extract" not in store.attrs:
-            update_attrs(store, {"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
+            store.update_attrs({"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
     return store
 
 
@@ -498,7 +486,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _conclude(store: FeatureStore, summary: Summary) -> Summary:
     """Finalize when no shard is pending; otherwise say who still holds what."""
-    refresh(store)  # finalize from fresh attributes, so no other writer's update is lost
     pending = store.pending_shards()
     if not pending:
         summary.complete = store.finalize()
@@ -602,7 +589,7 @@ def reopen_for_repair(path: str, shards: Sequence[int]) -> FeatureStore:
     bad = [i for i in shards if not 0 <= i < store.n_shards]
     if bad:
         raise StoreError(f"{path}: shards {bad} out of range 0..{store.n_shards - 1}")
-    update_attrs(store, {"status": "building"})
+    store.update_attrs({"status": "building"})
     for i in shards:
         with contextlib.suppress(FileNotFoundError):
             Path(store._marker(i, "done.json")).unlink()
