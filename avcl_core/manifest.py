@@ -6,9 +6,17 @@ array in a feature store built from it. Columns:
 ``sample_id`` (str, unique), ``dataset`` (str), ``split`` (``train``/``val``/``test``),
 ``label`` (int class id, or a list of ids for multi-source clips), ``class_name``
 (str; ``;``-joined for multi-source), ``video`` (path relative to the dataset
-root), optional ``start``/``end`` (seconds), ``frames``/``masks`` (image-folder
-paths for AVSBench-style data, relative to the root), ``audio`` (separate audio
-file), ``subset``.
+root), optional ``start``/``end`` (seconds), ``frames``/``masks`` (image
+sequences for AVSBench-style data, below), ``audio`` (separate audio file),
+``subset``.
+
+**Image sequences** (``frames``, ``masks``): a glob pattern relative to the root
+(``Single-source/s4_data/visual_frames/train/cat/x/x_*.png``; what the builders
+write, literal parts escaped with :func:`glob.escape`) or, as a shorthand, a
+folder, meaning every image file (:data:`IMAGE_SUFFIXES`) in it. The matching
+files in *natural* order of their paths (digit runs compared as numbers:
+``x_2.png`` before ``x_10.png``) are the sequence in time order;
+:func:`image_sequence` is the one resolver every reader uses.
 
 On disk a manifest is JSON Lines (one row per line, ``.jsonl``) or CSV with the
 same column names (``label`` in CSV may be ``;``-joined ids). Class ids index the
@@ -17,8 +25,11 @@ manifest's class list, recovered from (label, class_name) pairs.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,6 +37,37 @@ from typing import Any, Iterable, Iterator
 REQUIRED = ("sample_id", "dataset", "split", "label", "class_name", "video")
 OPTIONAL = ("start", "end", "frames", "masks", "audio", "subset")
 SPLITS = ("train", "val", "test")
+#: File suffixes that count as images in a folder named by ``frames``/``masks``.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_DIGITS = re.compile(r"(\d+)")
+
+
+def is_pattern(value: str | os.PathLike) -> bool:
+    """Whether a ``frames``/``masks`` value is a glob pattern (has ``*``, ``?`` or ``[``)."""
+    return any(ch in str(value) for ch in "*?[")
+
+
+def natural_key(path: str | os.PathLike) -> tuple:
+    """Sort key comparing digit runs as numbers (``x_2.png`` < ``x_10.png``)."""
+    parts = _DIGITS.split(str(path))
+    return tuple((1, int(p), p) if i % 2 else (0, 0, p) for i, p in enumerate(parts))
+
+
+def image_sequence(value: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Path]:
+    """The image files a ``frames``/``masks`` value names, in time order (see the module docstring).
+
+    ``value`` is a glob pattern or a folder, relative to ``root`` (or absolute); the
+    result is empty when nothing matches or the folder does not exist.
+    """
+    p = Path(value) if root is None or os.path.isabs(value) else Path(root) / value
+    if is_pattern(value):
+        files = [Path(m) for m in glob.glob(str(p)) if os.path.isfile(m)]
+    elif p.is_dir():
+        files = [e for e in p.iterdir() if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES
+                 and not e.name.startswith(".")]
+    else:
+        files = []
+    return sorted(files, key=natural_key)
 
 
 class ManifestError(ValueError):

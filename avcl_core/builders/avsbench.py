@@ -21,7 +21,8 @@ and ``label2idx.json`` in the root, then per clip ``{label}/{uid}/``::
     frames/{i}.jpg  labels_rgb/{i}.png  labels_semantic/{i}.png  audio.wav
     v2: 10 frames, 10 masks; v1m: 5 and 5; v1s: 5 frames, masks 0..4 (train: only 0.png)
 
-Rows fill ``frames``/``masks`` with glob patterns and ``audio`` with the wav;
+Rows fill ``frames``/``masks`` with image-sequence glob patterns (the manifest's
+representation, see :mod:`avcl_core.manifest`) and ``audio`` with the wav;
 ``video`` is the frames folder. Class ids: S4 = sorted category names (the
 class of a clip is its category); MS3 = the single class ``sounding`` (MS3 has
 no class labels; its task is binary); AVSS = palette index (0 = background,
@@ -31,6 +32,7 @@ clip with no class object is labelled background).
 """
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from avcl_core.builders.common import (
     MALFORMED, OFF_PALETTE, UNKNOWN_CLASS, BuildError, Candidate, Report, find_file, finish, first_occurrence,
     read_csv_rows, rel,
 )
-from avcl_core.manifest import SPLITS, Manifest
+from avcl_core.manifest import SPLITS, Manifest, image_sequence
 
 MS3_CLASS = "sounding"
 NON_CLASS_TOKENS = ("off-the-screen",)
@@ -48,6 +50,12 @@ NON_CLASS_TOKENS = ("off-the-screen",)
 
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p)
+
+
+def _pattern(folder: str, prefix: str, suffix: str) -> str:
+    """The image-sequence pattern ``folder/prefix*suffix`` (see :mod:`avcl_core.manifest`), its
+    literal parts escaped so that a name holding ``[``, ``*`` or ``?`` matches only itself."""
+    return f"{glob.escape(folder)}/{glob.escape(prefix)}*{glob.escape(suffix)}"
 
 
 def _columns(header: list[str], wanted: dict[str, tuple[tuple[str, ...], int]]) -> dict[str, int]:
@@ -102,7 +110,8 @@ def build_s4(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
         files.append(audio)
         cands.append(Candidate(
             {"sample_id": name, "dataset": "avsbench-s4", "split": split, "label": label[cat], "class_name": cat,
-             "video": fdir, "frames": f"{fdir}/{name}_*.png", "masks": f"{mdir}/{name}_*.png", "audio": audio,
+             "video": fdir, "frames": _pattern(fdir, f"{name}_", ".png"), "masks": _pattern(mdir, f"{name}_", ".png"),
+             "audio": audio,
              "subset": "s4"},
             files,
         ))
@@ -138,7 +147,8 @@ def build_ms3(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
         files.append(audio)
         cands.append(Candidate(
             {"sample_id": vid, "dataset": "avsbench-ms3", "split": split, "label": 0, "class_name": MS3_CLASS,
-             "video": fdir, "frames": f"{fdir}/{vid}.mp4_*.png", "masks": f"{mdir}/{vid}_*.png", "audio": audio,
+             "video": fdir, "frames": _pattern(fdir, f"{vid}.mp4_", ".png"), "masks": _pattern(mdir, f"{vid}_", ".png"),
+             "audio": audio,
              "subset": "ms3"},
             files,
         ))
@@ -235,7 +245,8 @@ def build_avss(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
         cands.append(Candidate(
             {"sample_id": uid, "dataset": "avss", "split": split, "label": labels,
              "class_name": ";".join(names[i] for i in labels), "video": f"{base}/frames",
-             "frames": f"{base}/frames/*.jpg", "masks": f"{base}/labels_rgb/*.png", "audio": f"{base}/audio.wav",
+             "frames": _pattern(f"{base}/frames", "", ".jpg"), "masks": _pattern(f"{base}/labels_rgb", "", ".png"),
+             "audio": f"{base}/audio.wav",
              "subset": subset},
             files,
         ))
@@ -252,7 +263,7 @@ def _check_palette(root: Path, manifest: Manifest, palette: np.ndarray, report: 
 
     codes = (palette[:, 0].astype(np.int64) << 16) | (palette[:, 1].astype(np.int64) << 8) | palette[:, 2]
     for r in manifest.rows:
-        for p in sorted((root / r["masks"]).parent.glob("*.png")):
+        for p in image_sequence(r["masks"], root):
             with Image.open(p) as im:
                 a = np.asarray(im.convert("RGB"), dtype=np.int64).reshape(-1, 3)
             px = (a[:, 0] << 16) | (a[:, 1] << 8) | a[:, 2]
