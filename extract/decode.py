@@ -488,19 +488,34 @@ def _read_image_folder(spec: Path, times: np.ndarray, start: float, end: float |
     return folder_end
 
 
+_SAMPLE_TYPES = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64, "flt": np.float32,
+                 "dbl": np.float64}
+
+
 def _mono(frame) -> np.ndarray:
     """float32 (n,) mean over the channels of a decoded audio frame, in [-1, 1]."""
-    a = frame.to_ndarray()
+    fmt = frame.format
+    dtype = _SAMPLE_TYPES.get(fmt.name.rstrip("p"))
     channels = frame.layout.nb_channels or 1
-    if not frame.format.is_planar:
-        a = a.reshape(-1, channels).T  # packed: (1, n * C) interleaved
-    if a.dtype.kind == "f":
-        a = a.astype(np.float32, copy=False)
-    elif a.dtype == np.uint8:
-        a = (a.astype(np.float32) - 128.0) / 128.0
+    n = frame.samples
+    if dtype is None:  # an unusual sample format: PyAV's own conversion
+        a = frame.to_ndarray()
+        a = a if fmt.is_planar else a.reshape(-1, channels).T
+    elif fmt.is_planar:
+        a = [np.frombuffer(frame.planes[c], dtype=dtype, count=n) for c in range(channels)]
     else:
-        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max + 1)
-    return a[0].copy() if a.shape[0] == 1 else a.mean(axis=0, dtype=np.float32)
+        a = np.frombuffer(frame.planes[0], dtype=dtype, count=n * channels).reshape(n, channels).T
+    mix = np.zeros(n, dtype=np.float32)
+    for ch in a:
+        mix += ch  # numpy casts each channel to float32 on the way in
+    if channels > 1:
+        mix /= channels
+    kind = np.dtype(a[0].dtype)
+    if kind == np.uint8:
+        mix = (mix - 128.0) / 128.0
+    elif kind.kind == "i":
+        mix /= float(np.iinfo(kind).max + 1)
+    return mix
 
 
 def _resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
@@ -556,6 +571,7 @@ def _decode_audio_window(path: Path, rate: int, num_samples: int, start: float, 
         n_buf = edge + int(math.ceil(num_samples * src / rate)) + edge
         buf = np.zeros(n_buf, dtype=np.float32)
         tb = st.time_base
+        tbf = float(tb)  # float arithmetic per frame: Fractions cost more than decoding
         st_start = _seconds(st.start_time, tb)
         first = (st_start - zero) if st_start is not None else 0.0  # the stream's start on the timeline
         target = start - AUDIO_SEEK_MARGIN
@@ -564,8 +580,8 @@ def _decode_audio_window(path: Path, rate: int, num_samples: int, start: float, 
             seeked = seek and _seek(container, st, target + zero, st_start)
             for packet in container.demux(st):
                 for frame in packet.decode():
-                    t = _seconds(frame.pts, tb)
-                    t = t - zero if t is not None else (pos if pos is not None else first)
+                    pts = frame.pts
+                    t = pts * tbf - zero if pts is not None else (pos if pos is not None else first)
                     if seeked and pos is None and t > max(target, first) + 0.05:
                         raise _SeekOvershoot
                     x = _mono(frame)
