@@ -399,7 +399,7 @@ def _read_video_pyav(path: Path, times: np.ndarray, start: float, limit_end: flo
             seeked = seek and _seek(container, vs, first_t + zero, _seconds(vs.start_time, tb))
             prev = None  # (time, frame) of the last decoded frame
             end = None
-            for frame in container.decode(vs):
+            for frame in _decode_needed(container, vs, times, pending, zero, 2.5 * default_dur):
                 t = _seconds(frame.pts, tb)
                 t = t - zero if t is not None else (prev[0] + default_dur if prev else 0.0)
                 if seeked and prev is None and t > first_t + TIME_EPS:
@@ -434,6 +434,22 @@ def _read_video_pyav(path: Path, times: np.ndarray, start: float, limit_end: flo
         else:
             return end
     return _read_video_pyav(path, times, start, limit_end, sink, seek=False)
+
+
+def _decode_needed(container, vs, times: np.ndarray, pending: list[int], zero: float, margin: float):
+    """Decoded frames of ``vs`` from the current position, in presentation order, skipping the
+    decoding of frames no other frame refers to (H.264/HEVC non-reference B-frames) while their
+    presentation time is more than ``margin`` seconds before the next sample time still ``pending``:
+    such a frame is never shown at a sample time and never needed to decode another frame."""
+    cc = vs.codec_context
+    tbf = float(vs.time_base)
+    mode = None
+    for packet in container.demux(vs):
+        if packet.pts is not None and pending:
+            want = "NONREF" if packet.pts * tbf - zero < times[pending[0]] - margin else "DEFAULT"
+            if want != mode:
+                cc.skip_frame = mode = want
+        yield from packet.decode()
 
 
 class _SeekOvershoot(Exception):

@@ -17,6 +17,21 @@ def grey_frames(n: int, size: int = 32) -> np.ndarray:
     return np.stack([np.full((size, size, 3), (10 + 20 * k) % 250, np.uint8) for k in range(n)])
 
 
+def moving_frames(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (n, size, size, 3): drifting gradients, a moving square and noise (content an encoder
+    codes with B-frames)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    out = []
+    for k in range(n):
+        img = np.stack([(x * 4 + 3 * k) % 256, (y * 4 + 2 * k) % 256, (x + y + 5 * k) % 256], -1).astype(np.int16)
+        c = (3 * k) % (size - 12)
+        img[c:c + 12, c:c + 12] = (240, 40, 40)
+        img += rng.integers(-4, 5, img.shape, dtype=np.int16)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
 def tone(seconds: float, rate: int, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
     """float32 (n,) sine of ``amp`` at ``freq`` Hz."""
     t = np.arange(int(round(seconds * rate))) / rate
@@ -24,11 +39,13 @@ def tone(seconds: float, rate: int, freq: float = 440.0, amp: float = 0.5) -> np
 
 
 def write_av(path, frames: np.ndarray | None, fps: int, audio: np.ndarray | None = None, rate: int = 48000,
-             audio_start: float = 0.0, video_start: float = 0.0, gop: int | None = None) -> Path:
+             audio_start: float = 0.0, video_start: float = 0.0, gop: int | None = None,
+             x264: dict | None = None) -> Path:
     """An mp4 with ``frames`` (uint8 (T, H, W, 3), H.264 lossless, at ``fps``) and ``audio``
     (float32 (C, n) in [-1, 1], AAC at ``rate``, C = 1 or 2), the audio stream's first
     sample at ``audio_start`` seconds and the first frame at ``video_start`` seconds of
-    the container's clock (the streams' ``start_time``)."""
+    the container's clock (the streams' ``start_time``). ``x264`` replaces the encoder
+    options (default lossless, no B-frames)."""
     import av
 
     path = Path(path)
@@ -39,7 +56,7 @@ def write_av(path, frames: np.ndarray | None, fps: int, audio: np.ndarray | None
             v = c.add_stream("libx264", rate=Fraction(fps))
             v.height, v.width = frames.shape[1:3]
             v.pix_fmt = "yuv420p"
-            v.options = {"qp": "0", "preset": "ultrafast", **({"g": str(gop)} if gop else {})}
+            v.options = {**(x264 or {"qp": "0", "preset": "ultrafast"}), **({"g": str(gop)} if gop else {})}
         if audio is not None:
             audio = np.atleast_2d(np.asarray(audio, dtype=np.float32))
             a = c.add_stream("aac", rate=rate)

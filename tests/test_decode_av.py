@@ -19,7 +19,7 @@ from extract.decode import decode_clip, decoder_identity, resize_frames
 from extract.encoders.base import Preprocess
 
 from conftest import frame_value
-from media import grey_frames, tone, write_av, write_long_mp4
+from media import grey_frames, moving_frames, tone, write_av, write_long_mp4
 
 RATE = 48000
 
@@ -224,6 +224,23 @@ def test_pyav_frames_equal_decord_frames(avcl_media_dir, name, pp, start, end):
     assert a.ok and b.ok, (a.reason, b.reason)
     np.testing.assert_allclose(b.frames.astype(int), a.frames.astype(int), atol=2)
     assert b.valid_len == pytest.approx(a.valid_len)
+
+
+def test_pyav_frames_equal_decord_frames_with_b_frames(tmp_path):
+    import av
+
+    path = write_av(tmp_path / "b.mp4", moving_frames(75), 25, None, x264={"preset": "medium", "crf": "20"})
+    with av.open(str(path)) as c:  # the clip has frames no other frame refers to (skipped when not needed)
+        c.streams.video[0].codec_context.skip_frame = "NONREF"
+        assert sum(1 for _ in c.decode(video=0)) < 75
+    for pp, start in ((Preprocess(clip_seconds=3.0, fps=25.0, image_size=16), 0.0),
+                      (Preprocess(clip_seconds=2.0, frames_per_clip=7, image_size=16), 0.9),
+                      (Preprocess(clip_seconds=1.0, fps=3.0, image_size=16), 1.37)):
+        a = decode_clip(path, pp, start, frame_decoder="decord")
+        b = decode_clip(path, pp, start, frame_decoder="pyav")
+        assert a.ok and b.ok, (a.reason, b.reason)
+        np.testing.assert_array_equal(b.frames, a.frames)
+        assert b.valid_len == pytest.approx(a.valid_len)
 
 
 @pytest.mark.parametrize("name, code", [("noaudio.mp4", STATUS_OK), ("tone.wav", STATUS_NO_VIDEO),
