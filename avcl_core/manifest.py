@@ -12,8 +12,9 @@ sequences for AVSBench-style data, below), ``audio`` (separate audio file),
 
 **Image sequences** (``frames``, ``masks``): a glob pattern relative to the root
 (``Single-source/s4_data/visual_frames/train/cat/x/x_*.png``; what the builders
-write, literal parts escaped with :func:`glob.escape`) or, as a shorthand, a
-folder, meaning every image file (:data:`IMAGE_SUFFIXES`) in it. The matching
+write, literal parts escaped with :func:`glob.escape`) or, as shorthands, a
+folder, meaning every image file (:data:`IMAGE_SUFFIXES`) in it, or one image
+file (a sequence of one). The matching
 files in *natural* order of their paths (digit runs compared as numbers:
 ``x_2.png`` before ``x_10.png``) are the sequence in time order;
 :func:`image_sequence` is the one resolver every reader uses.
@@ -56,8 +57,8 @@ def natural_key(path: str | os.PathLike) -> tuple:
 def image_sequence(value: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Path]:
     """The image files a ``frames``/``masks`` value names, in time order (see the module docstring).
 
-    ``value`` is a glob pattern or a folder, relative to ``root`` (or absolute); the
-    result is empty when nothing matches or the folder does not exist.
+    ``value`` is a glob pattern, a folder or one file, relative to ``root`` (or absolute);
+    the result is empty when nothing matches or the path does not exist.
     """
     p = Path(value) if root is None or os.path.isabs(value) else Path(root) / value
     if is_pattern(value):
@@ -66,7 +67,7 @@ def image_sequence(value: str | os.PathLike, root: str | os.PathLike | None = No
         files = [e for e in p.iterdir() if e.is_file() and e.suffix.lower() in IMAGE_SUFFIXES
                  and not e.name.startswith(".")]
     else:
-        files = []
+        files = [p] if p.is_file() else []
     return sorted(files, key=natural_key)
 
 

@@ -472,7 +472,8 @@ def _seek(container, stream, t: float, stream_start: float | None) -> bool:
 
 def _read_image_folder(spec: Path, times: np.ndarray, start: float, end: float | None, limit_end: float,
                        sink: _FrameSink) -> float:
-    """Fill ``sink`` from the images ``spec`` names (a glob pattern or a folder); returns the content end.
+    """Fill ``sink`` from the images ``spec`` names (a glob pattern, a folder or one image); returns the
+    content end.
 
     The images spread evenly over ``[start, end]`` when the row gives ``end``,
     otherwise they are taken at :data:`IMAGE_FOLDER_FPS` from ``start``.
@@ -484,7 +485,7 @@ def _read_image_folder(spec: Path, times: np.ndarray, start: float, end: float |
         if not files:
             raise _DecodeFailure(STATUS_MISSING, f"{spec}: no image matches the frames pattern")
     else:
-        if not spec.is_dir():
+        if not spec.exists():
             raise _DecodeFailure(STATUS_MISSING, f"{spec}: frame folder not found")
         files = image_sequence(spec)
         if not files:

@@ -168,6 +168,20 @@ def test_one_window_of_a_long_file_in_bounded_memory_and_time(long_file):
     assert t_late < 4 * t_head + 0.5, f"window at 24:56 took {t_late:.2f}s, at 0:00 {t_head:.2f}s"
 
 
+@pytest.mark.slow
+def test_one_window_of_a_two_hour_file(tmp_path):
+    seg = write_av(tmp_path / "seg.mp4", grey_frames(200, 64), 25, tone(8.0, 48000)[None], 48000, gop=50)
+    path = write_long_mp4(tmp_path / "two_hours.mp4", 2 * 3600, seg)
+    pp = Preprocess(clip_seconds=10.0, frames_per_clip=8, image_size=32, audio_rate=48000)
+    head = decode_clip(path, pp)
+    t0 = time.perf_counter()
+    late, peak, before = peak_rss_mb_during(lambda: decode_clip(path, pp, start=8 * 800))  # at 1:46:40
+    took = time.perf_counter() - t0
+    assert late.ok, late.reason
+    np.testing.assert_array_equal(late.frames, head.frames)
+    assert peak - before < 60 and took < 10, (peak - before, took)
+
+
 def test_window_past_the_end_of_a_long_file_is_empty(long_file):
     clip = decode_clip(long_file, Preprocess(clip_seconds=10.0, audio_rate=16000), start=1805.0)
     assert clip.status == STATUS_EMPTY and "1805s" in clip.reason and "long.mp4" in clip.reason
