@@ -189,3 +189,21 @@ def test_image_sequences_are_in_natural_order_for_patterns_and_folders(tmp_path)
         np.testing.assert_allclose(out.frames.reshape(12, -1).mean(1), [10 * i for i in range(1, 13)], atol=1)
     missing = decode_row({"sample_id": "s", "video": "seq", "frames": "seq/z_*.png"}, tmp_path, pp)
     assert missing.status != 1 and "z_*.png" in missing.reason
+
+
+def test_s4_layout_extracts_to_a_store_whose_rows_are_all_ok(layouts, tmp_path):
+    from click.testing import CliRunner
+
+    from avcl_core.cache import STATUS_OK, open_store
+    from extract.cli import cli
+
+    res = CliRunner().invoke(cli, ["--dataset", "avsbench-s4", "--root", str(layouts["avsbench-s4"]), "--encoder",
+                                   "signal", "-o", "clip_seconds=5.0", "-o", "frames_per_clip=5", "-o",
+                                   "image_size=32", "--cache-dir", str(tmp_path), "--workers", "0", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (path,) = sorted((tmp_path / "avsbench-s4").glob("signal-*.zarr"))
+    store = open_store(path)
+    assert store.status == "complete" and sorted(store.sample_ids) == ["clipA", "clip[B]"]
+    assert (store.row_status() == STATUS_OK).all()
+    visual = store.read("visual")
+    assert visual.shape[:2] == (2, 5) and np.all(np.abs(visual).sum(axis=(1, 2)) > 0)
