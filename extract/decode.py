@@ -511,27 +511,53 @@ _SAMPLE_TYPES = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int
 
 def _mono(frame) -> np.ndarray:
     """float32 (n,) mean over the channels of a decoded audio frame, in [-1, 1]."""
+    a = frame.to_ndarray()
+    channels = frame.layout.nb_channels or 1
+    if not frame.format.is_planar:
+        a = a.reshape(-1, channels).T  # packed: (1, n * C) interleaved
+    mix = a.astype(np.float32).sum(axis=0, dtype=np.float32) / np.float32(channels)
+    return _to_unit(mix, a.dtype)
+
+
+def _to_unit(mix: np.ndarray, dtype) -> np.ndarray:
+    """Integer sample values (as float32) → [-1, 1]; float samples pass."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return (mix - 128.0) / 128.0
+    if dtype.kind == "i":
+        mix /= float(np.iinfo(dtype).max + 1)
+    return mix
+
+
+def _mixer(frame) -> Callable:
+    """:func:`_mono` specialised to the sample format and layout of ``frame`` (a stream's first
+    frame): reads the frame's planes without copies; a frame that differs falls back to :func:`_mono`."""
     fmt = frame.format
     dtype = _SAMPLE_TYPES.get(fmt.name.rstrip("p"))
     channels = frame.layout.nb_channels or 1
-    n = frame.samples
-    if dtype is None:  # an unusual sample format: PyAV's own conversion
-        a = frame.to_ndarray()
-        a = a if fmt.is_planar else a.reshape(-1, channels).T
-    elif fmt.is_planar:
-        a = [np.frombuffer(frame.planes[c], dtype=dtype, count=n) for c in range(channels)]
-    else:
-        a = np.frombuffer(frame.planes[0], dtype=dtype, count=n * channels).reshape(n, channels).T
-    mix = np.zeros(n, dtype=np.float32)
-    for ch in a:
-        mix += ch  # numpy casts each channel to float32 on the way in
-    if channels > 1:
-        mix /= channels
-    kind = np.dtype(a[0].dtype)
-    if kind == np.uint8:
-        mix = (mix - 128.0) / 128.0
-    elif kind.kind == "i":
-        mix /= float(np.iinfo(kind).max + 1)
+    if dtype is None:
+        return _mono
+    n_planes = channels if fmt.is_planar else 1
+
+    def mix(f) -> np.ndarray:
+        planes = f.planes
+        n = f.samples
+        if len(planes) != n_planes:  # the layout changed mid-stream
+            return _mono(f)
+        if n_planes > 1:
+            out = np.frombuffer(planes[0], dtype=dtype, count=n).astype(np.float32)
+            for c in range(1, channels):
+                out += np.frombuffer(planes[c], dtype=dtype, count=n)
+            out /= np.float32(channels)
+        elif channels > 1:
+            if f.layout.nb_channels != channels:
+                return _mono(f)
+            out = np.frombuffer(planes[0], dtype=dtype, count=n * channels).reshape(n, channels).astype(np.float32)
+            out = out.sum(axis=1, dtype=np.float32) / np.float32(channels)
+        else:
+            out = np.frombuffer(planes[0], dtype=dtype, count=n).astype(np.float32)
+        return _to_unit(out, dtype)
+
     return mix
 
 
@@ -593,6 +619,7 @@ def _decode_audio_window(path: Path, rate: int, num_samples: int, start: float, 
         first = (st_start - zero) if st_start is not None else 0.0  # the stream's start on the timeline
         target = start - AUDIO_SEEK_MARGIN
         pos = None  # timeline time just after the last decoded sample
+        mono = None
         try:
             seeked = seek and _seek(container, st, target + zero, st_start)
             for packet in container.demux(st):
@@ -601,7 +628,9 @@ def _decode_audio_window(path: Path, rate: int, num_samples: int, start: float, 
                     t = pts * tbf - zero if pts is not None else (pos if pos is not None else first)
                     if seeked and pos is None and t > max(target, first) + 0.05:
                         raise _SeekOvershoot
-                    x = _mono(frame)
+                    if mono is None:
+                        mono = _mixer(frame)
+                    x = mono(frame)
                     pos = t + x.size / src
                     i = int(round((t - buf_t0) * src))
                     if i >= n_buf:

@@ -97,6 +97,39 @@ def test_stereo_is_mixed_by_the_channel_mean(media):
     assert np.abs(both.audio[1600:-1600]).max() == pytest.approx(0.5, abs=0.02)
 
 
+@pytest.mark.parametrize("fmt, layout", [("fltp", "stereo"), ("flt", "stereo"), ("s16", "stereo"), ("s16p", "stereo"),
+                                         ("s32", "5.1"), ("u8", "mono"), ("dblp", "stereo"), ("fltp", "mono")])
+def test_channel_mean_of_every_sample_format_equals_the_plain_mean(fmt, layout):
+    import av
+
+    channels, n = av.AudioLayout(layout).nb_channels, 1000
+    dtype = {"flt": np.float32, "s16": np.int16, "s32": np.int32, "u8": np.uint8, "dbl": np.float64}[fmt.rstrip("p")]
+    rng = np.random.default_rng(0)
+    if np.dtype(dtype).kind == "f":
+        data = rng.uniform(-1, 1, (channels, n)).astype(dtype)
+        scale, offset = 1.0, 0.0
+    else:
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min, info.max, (channels, n), dtype=dtype, endpoint=True)
+        scale, offset = (128.0, 128.0) if dtype == np.uint8 else (info.max + 1.0, 0.0)
+    frame = av.AudioFrame.from_ndarray(data if fmt.endswith("p") else np.ascontiguousarray(data.T.reshape(1, -1)),
+                                       format=fmt, layout=layout)
+    want = (data.astype(np.float64).mean(0) - offset) / scale
+    for mix in (dec._mono, dec._mixer(frame)):  # the plain computation and the per-stream fast path
+        got = mix(frame)
+        assert got.dtype == np.float32 and got.shape == (n,)
+        np.testing.assert_allclose(got, want, atol=2e-7)
+
+
+def test_int16_stereo_wav_is_mixed_by_the_mean(tmp_path):
+    import scipy.io.wavfile
+
+    left = (tone(1.0, 16000, 440.0, 0.5) * 32767).astype(np.int16)
+    scipy.io.wavfile.write(tmp_path / "st.wav", 16000, np.stack([left, np.zeros_like(left)], 1))
+    clip = decode_clip(tmp_path / "st.wav", Preprocess(clip_seconds=1.0, audio_rate=16000))
+    np.testing.assert_allclose(clip.audio, left / 32768 / 2, atol=1e-6)
+
+
 def test_resampled_audio_keeps_frequency_and_phase(media):
     clip = decode_clip(media["both"], Preprocess(clip_seconds=2.0, audio_rate=16000))
     ref = tone(2.0, 16000, 440.0, 0.5)
