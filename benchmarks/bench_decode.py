@@ -137,7 +137,18 @@ def torchcodec_reader():
 
         return read, ""
     except Exception as e:  # noqa: BLE001 - a missing wheel or missing FFmpeg libraries: report either
-        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+        return None, _why(e)
+
+
+def _why(e: BaseException) -> str:
+    """First line of an error, plus the first missing shared library it names (torchcodec lists one per
+    FFmpeg version it tried)."""
+    import re
+
+    text = str(e).strip()
+    libs = sorted(set(re.findall(r"(lib\w+\.so[.\d]*): cannot open shared object file", text)))
+    first = text.splitlines()[0][:120] if text else type(e).__name__
+    return f"{type(e).__name__}: {first}" + (f" — missing {', '.join(libs[:3])}" if libs else "")
 
 
 def old_audio(path: Path, rate: int, seconds: float = 10.0) -> np.ndarray:
@@ -210,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 frame_rows["torchcodec"] = _best(lambda: tc(video, FRAMES_PP), rep, inner)
             except Exception as e:  # noqa: BLE001 - a library that imports but cannot decode
-                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+                why = _why(e)
         every = Preprocess(clip_seconds=10.0, fps=25.0, image_size=224, resize="bicubic")
         dense_cpu, dense_wall = _best(lambda: _check(dec.decode_clip(video, every), "every frame"), rep, 1)
         raw = np.stack([_scene(k, 360, 640, np.random.default_rng(k)) for k in range(8)])
@@ -230,8 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"Resizing the 8 frames (360p -> 224, bicubic antialias) alone: {1e3 * resize_cpu:.0f} CPU ms "
             f"({100 * resize_cpu / frame_rows['decord'][0]:.0f} % of the decord clip time).")
         say(f"torchcodec: {'timed above' if 'torchcodec' in frame_rows else 'not measured, cannot load here (' + why + ')'}.")
-        fastest = min(dec.FRAME_DECODERS, key=lambda n: frame_rows[n][0])
-        say(f"Fastest frame decoder here: {fastest} (the default is {dec.DEFAULT_FRAME_DECODER}).")
+        ratio = frame_rows["decord"][0] / frame_rows["pyav"][0]
+        verdict = ("the same speed (within 5 %)" if abs(ratio - 1) < 0.05 else
+                   f"{'PyAV' if ratio > 1 else 'decord'} faster by {max(ratio, 1 / ratio):.2f}x")
+        say(f"decord vs PyAV here: {verdict}; the default frame decoder is {dec.DEFAULT_FRAME_DECODER}.")
         say("")
 
         # image sequences
