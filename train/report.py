@@ -954,7 +954,7 @@ def seg_table_notes(metric_keys: Sequence[str]) -> str:
     return ("Segmentation: " + "; ".join(notes) + ".\n") if notes else ""
 
 
-def _segmentation_report(runs: list[Run], out: Path, metrics: Sequence[str], prefix: str):
+def _segmentation_report(runs: list[Run], out: Path, metrics: Sequence[str], prefix: str, draw: bool):
     """Tables and figures of segmentation runs; returns (table, markdown, md, csv, files, plots)."""
     table = build_table(runs, metrics)
     parts = [table_markdown(table) + seg_table_notes(metrics)]
@@ -968,6 +968,8 @@ def _segmentation_report(runs: list[Run], out: Path, metrics: Sequence[str], pre
     csv_path = write_table_csv(table, out / f"{prefix}table.csv")
     detail_csv = write_table_csv(build_table(runs, SEG_DETAIL_METRICS), out / f"{prefix}table_detail.csv")
     name = SEG_METRIC_NAMES.get(_primary(table), _primary(table))
+    if not draw:
+        return table, md, md_path, csv_path, [md_path, csv_path, detail_csv], []
     plots = (
         plot_accuracy_curves(table, out, score=f"{name} on the tasks seen", stem="score_curves")
         + _matrix_panels(table, out, lambda r: r.acc_matrix, "score_matrices", f"{name} (%)",
@@ -984,6 +986,7 @@ def make_report(
     out_dir: str | Path,
     metrics: Sequence[str] = DEFAULT_METRICS,
     seg_metrics: Sequence[str] = DEFAULT_SEG_METRICS,
+    plots: bool = True,
 ) -> Report:
     """Load the runs under ``paths`` and write tables and PNG plots to ``out_dir``.
 
@@ -996,7 +999,7 @@ def make_report(
     ``table_detail.csv``; figures ``score_curves_*`` (primary metric over the
     tasks seen), ``score_matrices_*`` (its matrices), ``maxf_heatmaps_*``
     (Fig. 5), ``transfer_vs_forgetting_*`` (Fig. 4) and ``mask_overlays_*``
-    (Fig. 3, from ``overlays.npz``).
+    (Fig. 3, from ``overlays.npz``). ``plots=False`` writes the tables only.
     """
     runs = load_runs(paths)
     cls = [r for r in runs if not r.is_segmentation]
@@ -1005,6 +1008,7 @@ def make_report(
     for m in list(metrics) + list(seg_metrics):
         metric_info(m)
     out.mkdir(parents=True, exist_ok=True)
+    draw = plots
     table = md = md_path = csv_path = None
     plots: list[Path] = []
     files: list[Path] = []
@@ -1015,15 +1019,16 @@ def make_report(
         md_path.write_text(md)
         csv_path = write_table_csv(table, out / "table.csv")
         files += [md_path, csv_path]
-        plots = (
-            plot_accuracy_curves(table, out)
-            + plot_accuracy_matrices(table, out)
-            + plot_transfer_vs_forgetting(table, out)
-        )
+        if draw:
+            plots = (
+                plot_accuracy_curves(table, out)
+                + plot_accuracy_matrices(table, out)
+                + plot_transfer_vs_forgetting(table, out)
+            )
     seg_table = None
     if seg:
         seg_table, seg_md, seg_md_path, seg_csv, seg_files, seg_plots = _segmentation_report(
-            seg, out, seg_metrics, "seg_" if cls else "")
+            seg, out, seg_metrics, "seg_" if cls else "", draw)
         files += seg_files
         plots += seg_plots
         if table is None:

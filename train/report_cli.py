@@ -33,7 +33,8 @@ from train.report import (
               help="Comma-separated columns of the segmentation table per protocol: <metric>/<summary>, "
                    "metric one of the run's matrices (map, maxf1 = Max-F with beta 1, fscore = AVSBench "
                    f"beta^2 0.3, miou, dice), summary one of: {', '.join(SEG_SUMMARIES)}.")
-def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str) -> None:
+@click.option("--no-plots", is_flag=True, help="Write the tables only.")
+def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str, no_plots: bool) -> None:
     """Aggregate run directories into a results table and plots.
 
     RUNDIRS are run directories (holding metrics.json, config.json,
@@ -62,7 +63,7 @@ def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str)
     except ReportError as e:
         raise click.BadParameter(str(e), param_hint="--seg-metrics") from e
     try:
-        report = make_report(rundirs, out_dir, chosen, seg_chosen)
+        report = make_report(rundirs, out_dir, chosen, seg_chosen, plots=not no_plots)
     except ReportError as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.markdown)
