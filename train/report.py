@@ -698,7 +698,8 @@ def _matrix_panels(table: Table, out_dir: str | Path, matrix_of, stem: str, labe
         ncols = min(n, 4)
         nrows = math.ceil(n / ncols)
         T = max(rs[0].num_tasks for rs in groups.values())
-        side = max(3.2, 0.45 * T + 1.6)
+        # capped: a 50-task stream would otherwise give a panel over 20 inches wide
+        side = max(3.2, min(0.45 * T + 1.6, 8.5))
         fig = Figure(figsize=(side * ncols + 1.2, side * nrows + 0.8), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
         image = None
@@ -940,17 +941,14 @@ def seg_table_notes(metric_keys: Sequence[str]) -> str:
     notes = []
     keys = set(metric_keys)
     if any(k.endswith("/average_accuracy") for k in keys):
-        notes.append("Avg <metric> = AA (CL-AVS eq. 15): that metric on every task after the last task, "
-                     "averaged over tasks")
+        notes.append("Avg mAP (Avg Max-F1, ...) = AA (CL-AVS eq. 15): the metric on every task after the "
+                     "last task, averaged over tasks")
     if any(k.endswith("/final_forgetting") for k in keys):
         notes.append("Avg For = F (eq. 16): best minus final score of each old task, averaged (mAP unless named)")
     if any(k.startswith("maxf1/") for k in keys):
         notes.append("Max-F1 is the CL-AVS Max-F with β = 1 (eq. 12)")
     if any(k.startswith("fscore/") for k in keys):
-        notes.append("F-score (β²=0.3) is AVSBench's F-measure (per-video maximum over 255 thresholds, "
-                     "mean over videos)")
-    if any(k.startswith("miou/") for k in keys):
-        notes.append("mIoU is AVSBench's (per-video frame mean, mean over videos)")
+        notes.append("F-score (β²=0.3) is AVSBench's F-measure")
     return ("Segmentation: " + "; ".join(notes) + ".\n") if notes else ""
 
 
