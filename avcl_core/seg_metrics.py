@@ -179,6 +179,33 @@ def _thresholds(num_thresholds: int) -> np.ndarray:
     return np.linspace(0.0, 1.0 - 1e-10, int(num_thresholds))
 
 
+# pixels per chunk of frames counted at once (bounds the index arrays to ~100 MB)
+_CHUNK_PIXELS = 1 << 22
+
+
+def _thresholds_passed(p: np.ndarray, th: np.ndarray) -> np.ndarray:
+    """Per value of ``p``, the number of thresholds ``th_k <= p`` (``th`` ascending, evenly
+    spaced from 0, in ``p``'s dtype); equal to ``np.searchsorted(th, p, 'right')``.
+
+    The even spacing gives the index up to rounding; the few values next to a
+    threshold are then moved by one until ``th[j-1] <= p < th[j]`` holds exactly."""
+    K = th.size
+    step = float(th[-1]) / (K - 1)
+    j = np.clip(np.floor(p.astype(np.float64) / step), -1, K - 1).astype(np.int64) + 1
+    ext = np.concatenate([[-np.inf], th, [np.inf]]).astype(th.dtype)  # ext[j] = th[j-1]
+    while True:
+        up = ext[j + 1] <= p
+        if not up.any():
+            break
+        j += up
+    while True:
+        down = ext[j] > p
+        if not down.any():
+            break
+        j -= down
+    return j
+
+
 def _frame_f_curves(prob: np.ndarray, gt: np.ndarray, thresholds: np.ndarray, beta2: float):
     """F-measure curves of frames with foreground.
 
@@ -186,23 +213,36 @@ def _frame_f_curves(prob: np.ndarray, gt: np.ndarray, thresholds: np.ndarray, be
     ``curves`` (M, K) float64 for the M frames with ``has_fg`` (N,) true. Per
     threshold: ``P = tp / (pp + 1e-20)``, ``R = tp / (gp + 1e-20)`` over pixels
     with ``prob >= th``, ``F = (1 + b2) P R / (b2 P + R)``, NaN -> 0.
+
+    Instead of comparing every pixel with every threshold, each pixel is counted
+    once at ``j`` = the number of thresholds ``<= prob`` (it passes thresholds
+    ``0 .. j-1``); ``pp`` and ``tp`` at threshold ``k`` are then the counts of
+    pixels with ``j > k``. The comparison runs in the prediction's dtype, as
+    the reference compares in float32, so the counts are the reference's exactly.
     """
     has_fg = gt.any(axis=1)
-    curves = np.empty((int(has_fg.sum()), thresholds.size))
-    for row, (p, g) in enumerate(zip(prob[has_fg], gt[has_fg])):
-        gp = g.sum()
-        order = np.argsort(p, kind="stable")
-        p_sorted = p[order]
-        # pixels with prob >= th are those from searchsorted(th, 'left') to the end
-        start = np.searchsorted(p_sorted, thresholds.astype(p_sorted.dtype), side="left")
-        pp = p.size - start
-        gt_from_end = np.concatenate([np.cumsum(g[order][::-1])[::-1], [0]])
-        tp = gt_from_end[start].astype(np.float64)
+    p, g = prob[has_fg], gt[has_fg]
+    m_all, n_pix = p.shape
+    K = thresholds.size
+    th = thresholds.astype(p.dtype)
+    curves = np.empty((m_all, K))
+    step = max(1, _CHUNK_PIXELS // max(n_pix, 1))
+    for lo in range(0, m_all, step):
+        pc, gc = p[lo: lo + step], g[lo: lo + step]
+        m = pc.shape[0]
+        j = _thresholds_passed(pc, th)  # (m, P)
+        idx = (j + (np.arange(m) * (K + 1))[:, None]).ravel()
+        count = np.bincount(idx, minlength=m * (K + 1)).reshape(m, K + 1)
+        fg = np.bincount(idx[gc.ravel()], minlength=m * (K + 1)).reshape(m, K + 1)
+        # pixels passing threshold k: those with j >= k + 1
+        pp = np.cumsum(count[:, ::-1], axis=1)[:, ::-1][:, 1:].astype(np.float64)
+        tp = np.cumsum(fg[:, ::-1], axis=1)[:, ::-1][:, 1:].astype(np.float64)
+        gp = gc.sum(axis=1, dtype=np.float64)[:, None]
         prec = tp / (pp + 1e-20)
         rec = tp / (gp + 1e-20)
         with np.errstate(invalid="ignore", divide="ignore"):
             f = (1 + beta2) * prec * rec / (beta2 * prec + rec)
-        curves[row] = np.nan_to_num(f, nan=0.0)
+        curves[lo: lo + m] = np.nan_to_num(f, nan=0.0)
     return curves, has_fg
 
 

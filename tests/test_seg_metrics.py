@@ -425,3 +425,27 @@ def test_avss_miou_hand_computed_confusion():
     assert S.avss_miou(scores, target, 4) == pytest.approx(1.5 / 4)
     with pytest.raises(ValueError, match="frame 1 predicts a label outside 0..3"):
         S.avss_miou(np.array([[[0]], [[4]]]), np.zeros((2, 1, 1), int), 4)
+
+
+def test_threshold_counting_equals_direct_comparison_at_the_boundaries(monkeypatch):
+    # values exactly on the float32 thresholds, next to them, outside [0, 1]; several chunks
+    th64 = np.linspace(0.0, 1.0 - 1e-10, 255)
+    th = th64.astype(np.float32)
+    rng = np.random.default_rng(7)
+    near = np.r_[th, np.nextafter(th, np.float32(-1)), np.nextafter(th, np.float32(2)), -0.5, 1.5,
+                 rng.random(64)].astype(np.float32)
+    prob = rng.choice(near, size=(6, 97)).astype(np.float32)
+    gt = rng.random((6, 97)) < 0.4
+    gt[2] = False
+    np.testing.assert_array_equal(S._thresholds_passed(prob, th), np.searchsorted(th, prob, side="right"))
+    monkeypatch.setattr(S, "_CHUNK_PIXELS", 200)  # two frames per chunk
+    curves, has_fg = S._frame_f_curves(prob, gt, th64, 0.3)
+    sel = prob[:, :, None] >= th[None, None, :]
+    tp = (sel & gt[:, :, None]).sum(axis=1).astype(np.float64)
+    pp = sel.sum(axis=1).astype(np.float64)
+    gp = gt.sum(axis=1, dtype=np.float64)[:, None]
+    prec, rec = tp / (pp + 1e-20), tp / (gp + 1e-20)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = np.nan_to_num(1.3 * prec * rec / (0.3 * prec + rec), nan=0.0)
+    np.testing.assert_array_equal(has_fg, gt.any(axis=1))
+    np.testing.assert_array_equal(curves, f[has_fg])
