@@ -850,22 +850,22 @@ def _load_overlays(path: Path) -> dict:
     return data
 
 
-def _overlay_rgb(base: np.ndarray | None, fill: np.ndarray, color, alpha: float = 0.5) -> np.ndarray:
-    """RGB float image: ``base`` (H, W, 3) uint8 (grey when None) with ``fill`` (H, W)
-    bool tinted in ``color``."""
-    h, w = fill.shape
+def _overlay_rgb(base: np.ndarray | None, weight: np.ndarray, color) -> np.ndarray:
+    """RGB float image: ``base`` (H, W, 3) uint8 (grey when None) blended towards
+    ``color`` by ``weight`` (H, W) in [0, 1] per pixel."""
+    h, w = weight.shape
     img = np.full((h, w, 3), 0.35) if base is None else base.astype(np.float64) / 255.0
-    tint = np.asarray(color[:3], dtype=np.float64)
-    img = np.where(fill[..., None], (1 - alpha) * img + alpha * tint, img)
-    return np.clip(img, 0.0, 1.0)
+    a = np.clip(weight, 0.0, 1.0)[..., None]
+    return np.clip((1 - a) * img + a * np.asarray(color[:3], dtype=np.float64), 0.0, 1.0)
 
 
 def plot_mask_overlays(table: Table, out_dir: str | Path, max_frames: int = 4) -> list[Path]:
     """Per protocol (CL-AVS Fig. 3): the same test frames for every method.
 
-    Row 1 is the ground truth; below, one row per method, its predicted mask
-    (``prob > 0.5``) filled over the frame, the ground-truth outline drawn on
-    top. Frames: those present in every method's ``overlays.npz`` (the run of
+    Row 1 is the ground truth; below, one row per method: its foreground
+    probability tints the frame red (opacity 0.7 x prob), the predicted mask
+    (``prob > 0.5``, the decision of the IoU printed below) is outlined in red
+    and the ground truth in green. Frames: those present in every method's ``overlays.npz`` (the run of
     the lowest seed), in the first method's order, at most ``max_frames``
     (when no frame is shared, each method's own first frames). The frame image
     is drawn when the file has ``image``, otherwise a grey background.
@@ -896,7 +896,7 @@ def plot_mask_overlays(table: Table, out_dir: str | Path, max_frames: int = 4) -
             gt = d["gt"][j] != 0
             image = d["image"][j] if "image" in d else None
             ax = axes[0, c]
-            ax.imshow(_overlay_rgb(image, gt, (0.1, 0.9, 0.2)), interpolation="nearest")
+            ax.imshow(_overlay_rgb(image, 0.6 * gt, (0.1, 0.9, 0.2)), interpolation="nearest")
             ax.set_title(f"{key[0]}\nframe {key[1]}", fontsize="small")
             for r, (lab, (run, d)) in enumerate(shown.items(), start=1):
                 ax = axes[r, c]
@@ -909,9 +909,10 @@ def plot_mask_overlays(table: Table, out_dir: str | Path, max_frames: int = 4) -
                 prob = np.asarray(d["prob"][j], dtype=np.float64)
                 g = d["gt"][j] != 0
                 img = d["image"][j] if "image" in d else None
-                ax.imshow(_overlay_rgb(img, prob > 0.5, (0.95, 0.2, 0.2)), interpolation="nearest")
-                if g.any() and not g.all():
-                    ax.contour(g.astype(float), levels=[0.5], colors=[(0.1, 0.9, 0.2)], linewidths=1.2)
+                ax.imshow(_overlay_rgb(img, 0.7 * prob, (0.95, 0.15, 0.15)), interpolation="nearest")
+                for m, col in ((prob > 0.5, (1.0, 0.1, 0.1)), (g, (0.1, 0.9, 0.2))):
+                    if m.any() and not m.all():
+                        ax.contour(m.astype(float), levels=[0.5], colors=[col], linewidths=1.2)
                 inter, union = np.sum((prob > 0.5) & g), np.sum((prob > 0.5) | g)
                 ax.set_xlabel(f"IoU {inter / union:.2f}" if union else "IoU –", fontsize="small")
                 if c == 0:
@@ -919,7 +920,7 @@ def plot_mask_overlays(table: Table, out_dir: str | Path, max_frames: int = 4) -
             axes[0, c].set_xticks([]), axes[0, c].set_yticks([])
             if c == 0:
                 axes[0, 0].set_ylabel("Ground truth", fontsize="small")
-        fig.suptitle(f"Predicted masks (red, sigmoid > 0.5) and ground truth (green) — {proto}")
+        fig.suptitle(f"Predicted foreground probability (red; outline: > 0.5) and ground truth (green) — {proto}")
         files.append(_save(fig, out_dir, "mask_overlays", proto))
     return files
 
