@@ -729,7 +729,8 @@ def _matrix_panels(table: Table, out_dir: str | Path, matrix_of, stem: str, labe
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
         fig.colorbar(image, ax=axes, label=label, shrink=0.8)
-        fig.suptitle(f"{title} — {proto} (mean over seeds)")
+        # one narrow panel cannot hold the title on one line
+        fig.suptitle(f"{title} — {proto}{chr(10) if n == 1 else ' '}(mean over seeds)")
         files.append(_save(fig, out_dir, stem, proto))
     return files
 
