@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.record:
         text = "\n".join([
             HEADING, "",
-            f"`python benchmarks/bench_seg_metrics.py --videos {args.videos} --record`: "
+            f"`python benchmarks/bench_seg_metrics.py --videos {args.videos} --repeats {args.repeats} --record`: "
             f"`avsbench_fscore` on {args.videos} videos x 5 frames of 224 x 224 float32 logits "
             "(255 thresholds, per-video aggregation); fastest of "
             f"{args.repeats} runs; {platform.machine()}, numpy {np.__version__}, "
