@@ -13,6 +13,22 @@ A run directory (written by the trainer) holds:
   fractions (``mean_accuracy``, ``average_forgetting``, ...). A metric missing
   there is computed from the matrix with :mod:`avcl_core.metrics`.
 
+Segmentation runs (``"problem": "segmentation"`` in ``config.json``) add:
+
+* ``config.json``: ``primary_metric`` (the metric of ``acc_matrix.csv``, e.g. ``map``).
+* ``matrices/<metric>.csv``: one matrix per segmentation metric (``map``,
+  ``maxf1``, ``fscore``, ``miou``, ``dice``, ...), same format as ``acc_matrix.csv``.
+* ``metrics.json``: ``per_metric`` = ``{metric: {summary key: value or null}}``;
+  ``step_acc`` may be absent (then the task-balanced mean of each row of the
+  primary matrix over the tasks seen).
+* ``overlays.npz`` (optional): ``sample_id`` (K,) str, ``frame`` (K,) int,
+  ``prob`` (K, H, W) foreground probabilities, ``gt`` (K, H, W) masks, and
+  optionally ``image`` (K, H, W, 3) uint8 frames to draw under the masks.
+
+Their table columns are keys ``<metric>/<summary>`` (e.g. ``map/average_accuracy``,
+the CL-AVS "Avg mAP"); a summary missing from ``per_metric`` is computed from
+that metric's matrix. See :func:`make_report` for the figures.
+
 Runs are grouped into table rows by method, head (named when runs use more
 than one head) and any hyper-parameters that differ between runs of the same
 method, head and protocol; columns are protocol x metric. A cell is the mean
@@ -38,6 +54,10 @@ __all__ = [
     "METHOD_DISPLAY_NAMES",
     "METRICS",
     "DEFAULT_METRICS",
+    "DEFAULT_SEG_METRICS",
+    "SEG_DETAIL_METRICS",
+    "SEG_METRIC_NAMES",
+    "SEG_SUMMARIES",
     "Cell",
     "Report",
     "ReportError",
@@ -49,6 +69,10 @@ __all__ = [
     "load_run",
     "load_runs",
     "make_report",
+    "metric_info",
+    "plot_mask_overlays",
+    "plot_maxf_heatmaps",
+    "plot_seg_transfer_vs_forgetting",
     "plot_accuracy_curves",
     "plot_accuracy_matrices",
     "plot_transfer_vs_forgetting",
@@ -82,7 +106,16 @@ METHOD_DISPLAY_NAMES: dict[str, str] = {
     "joint": "Upper bound (joint)",
     "upper-bound": "Upper bound (joint)",
 }
-_LAST = ("LLL", "Upper bound (joint)")
+# continual audio-visual segmentation (CL-AVS tables)
+METHOD_DISPLAY_NAMES.update({
+    "ewc": "EWC",
+    "si": "SI",
+    "mas": "MAS",
+    "avsbench": "AVSBench",
+    "avs": "AVSBench",
+    "atlas": "ATLAS",
+})
+_LAST = ("ATLAS", "LLL", "Upper bound (joint)")
 
 # metric key -> (column label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -96,6 +129,55 @@ METRICS: dict[str, tuple[str, bool]] = {
     "forward_transfer": ("FWT", True),
 }
 DEFAULT_METRICS = ("mean_accuracy", "average_forgetting")
+
+# segmentation metric (matrix name) -> display name; the Max-F of CL-AVS (eq. 12) is F1,
+# AVSBench's F-measure uses beta^2 = 0.3: the names keep them apart in every table
+SEG_METRIC_NAMES: dict[str, str] = {
+    "map": "mAP",
+    "maxf1": "Max-F1",
+    "fscore": "F-score (β²=0.3)",
+    "miou": "mIoU",
+    "dice": "Dice",
+    "aupr": "AUPR",
+}
+# summaries computed from any per-metric matrix when metrics.json does not hold them
+SEG_SUMMARIES: dict[str, object] = {
+    "average_accuracy": M.average_accuracy,
+    "final_forgetting": M.final_forgetting,
+    "average_forgetting": M.average_forgetting,
+    "learning_accuracy": M.learning_accuracy,
+    "backward_transfer": M.backward_transfer,
+    "forward_transfer": M.forward_transfer,
+}
+# CL-AVS Table 1: "Avg mAP" = AA (eq. 15) and "Avg For" = F (eq. 16) of the mAP matrix
+DEFAULT_SEG_METRICS = ("map/average_accuracy", "map/final_forgetting")
+# Table-2-style detail per protocol: every metric of record after the last task
+SEG_DETAIL_METRICS = (
+    "map/average_accuracy", "map/final_forgetting", "maxf1/average_accuracy",
+    "fscore/average_accuracy", "miou/average_accuracy", "dice/average_accuracy",
+    "map/learning_accuracy", "map/forward_transfer",
+)
+
+
+def metric_info(key: str) -> tuple[str, bool]:
+    """``(column label, higher is better)`` of a table metric key: a key of
+    :data:`METRICS`, or ``<segmentation metric>/<summary>`` (summary one of
+    :data:`SEG_SUMMARIES`), e.g. ``map/average_accuracy`` -> ``("Avg mAP", True)``."""
+    if key in METRICS:
+        return METRICS[key]
+    metric, _, summary = key.partition("/")
+    if not metric or summary not in SEG_SUMMARIES:
+        raise ReportError(
+            f"unknown metric {key!r}; choose from {list(METRICS)} or <metric>/<summary> with summary in "
+            f"{list(SEG_SUMMARIES)} (e.g. map/average_accuracy)"
+        )
+    name = SEG_METRIC_NAMES.get(metric, metric)
+    higher = METRICS[summary][1]
+    if summary == "average_accuracy":
+        return f"Avg {name}", higher
+    if summary == "final_forgetting":
+        return ("Avg For" if metric == "map" else f"Avg For ({name})"), higher
+    return f"{name} {METRICS[summary][0]}", higher
 
 
 def _method_id(method: str) -> str:
@@ -122,10 +204,18 @@ class Run:
     step_acc: np.ndarray  # (T,) fractions
     metrics: dict  # metric key -> fraction (NaN when undefined)
     classes_per_task: tuple[int, ...] | None = None
+    problem: str = "classification"  # or "segmentation"
+    primary_metric: str | None = None  # the metric of acc_matrix (segmentation)
+    matrices: dict = field(default_factory=dict)  # segmentation metric -> (T, T) matrix
+    overlays: Path | None = None  # overlays.npz of a segmentation run, when written
 
     @property
     def num_tasks(self) -> int:
         return self.acc_matrix.shape[0]
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.problem == "segmentation"
 
 
 def discover_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -202,8 +292,15 @@ def load_run(run_dir: str | Path) -> Run:
             raise ReportError(f"{d / 'config.json'}: protocol object has no 'name'")
         cpt = proto.get("classes_per_task", cpt)
         proto = proto["name"]
+    problem = str(cfg.get("problem") or "classification")
+    if problem not in ("classification", "segmentation"):
+        raise ReportError(f"{d / 'config.json'}: 'problem' must be classification or segmentation, got {problem!r}")
+    seg = problem == "segmentation"
     A = _read_matrix(d / "acc_matrix.csv")
     T = A.shape[0]
+    if "step_acc" not in met and seg and np.all(np.isfinite(A[np.tril_indices(T)])):
+        # task-balanced score over the tasks seen, the segmentation analogue of step accuracy
+        met = {**met, "step_acc": [float(np.mean(A[t, : t + 1])) for t in range(T)]}
     if "step_acc" not in met:
         raise ReportError(f"{d / 'metrics.json'}: missing key 'step_acc'")
     steps = np.asarray(met["step_acc"], dtype=np.float64)
@@ -229,6 +326,10 @@ def load_run(run_dir: str | Path) -> Run:
     hp = cfg.get("hparams") or {}
     if not isinstance(hp, dict):
         raise ReportError(f"{d / 'config.json'}: 'hparams' must be an object")
+    primary, matrices, overlays = None, {}, None
+    if seg:
+        primary, matrices = _segmentation_results(d, cfg, met, A, values)
+        overlays = d / "overlays.npz" if (d / "overlays.npz").is_file() else None
     return Run(
         path=d,
         method=str(cfg["method"]),
@@ -240,7 +341,49 @@ def load_run(run_dir: str | Path) -> Run:
         step_acc=steps,
         metrics=values,
         classes_per_task=cpt,
+        problem=problem,
+        primary_metric=primary,
+        matrices=matrices,
+        overlays=overlays,
     )
+
+
+def _segmentation_results(d: Path, cfg: dict, met: dict, A: np.ndarray, values: dict):
+    """Per-metric matrices of a segmentation run and their summaries, added to ``values``
+    as ``<metric>/<summary>``; returns ``(primary metric, {metric: matrix})``."""
+    primary = str(cfg.get("primary_metric") or met.get("primary_metric") or "map")
+    T = A.shape[0]
+    matrices = {primary: A}
+    mdir = d / "matrices"
+    if mdir.is_dir():
+        for f in sorted(mdir.glob("*.csv")):
+            B = _read_matrix(f)
+            if B.shape != A.shape:
+                raise ReportError(f"{f}: {B.shape[0]} tasks, but acc_matrix.csv has {T}")
+            matrices[f.stem] = B
+    per_metric = met.get("per_metric") or {}
+    if not isinstance(per_metric, dict):
+        raise ReportError(f"{d / 'metrics.json'}: 'per_metric' must be an object")
+    for name, B in matrices.items():
+        stored = per_metric.get(name) or {}
+        if not isinstance(stored, dict):
+            raise ReportError(f"{d / 'metrics.json'}: per_metric[{name!r}] must be an object")
+        for summary, fn in SEG_SUMMARIES.items():
+            v = stored.get(summary)
+            if v is not None:
+                try:
+                    values[f"{name}/{summary}"] = float(v)
+                except (TypeError, ValueError) as e:
+                    raise ReportError(
+                        f"{d / 'metrics.json'}: per_metric[{name!r}][{summary!r}] = {v!r} is not a number"
+                    ) from e
+                continue
+            try:
+                values[f"{name}/{summary}"] = float(fn(B))
+            except ValueError:
+                # e.g. a metric undefined on some task (NaN entries), or no forward entries
+                values[f"{name}/{summary}"] = math.nan
+    return primary, matrices
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -331,9 +474,8 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -
     differences are constant. The joint-training upper bound is never the best
     (unless it is the only method); its p-value is against the best method too.
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ReportError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    for m in metrics:
+        metric_info(m)
     if not runs:
         raise ReportError("no runs to report")
     labels = _row_labels(runs)
@@ -355,9 +497,9 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -
     best: dict = {}
     for col in columns:
         proto, metric = col
-        higher = METRICS[metric][1]
+        higher = metric_info(metric)[1]
         for lab in rows:
-            vals = {r.seed: 100.0 * r.metrics[metric] for r in per_row[lab] if r.protocol == proto}
+            vals = {r.seed: 100.0 * r.metrics.get(metric, math.nan) for r in per_row[lab] if r.protocol == proto}
             vals = {s: v for s, v in sorted(vals.items()) if math.isfinite(v)}
             if not vals:
                 continue
@@ -401,7 +543,7 @@ def _fmt_cell(c: Cell | None) -> str:
 
 
 def _column_title(col: tuple[str, str]) -> str:
-    label, higher = METRICS[col[1]]
+    label, higher = metric_info(col[1])
     return f"{col[0]} {label} {'↑' if higher else '↓'}"
 
 
@@ -492,8 +634,12 @@ def _save(fig: Figure, out_dir: Path, stem: str, proto: str) -> Path:
     return path
 
 
-def plot_accuracy_curves(table: Table, out_dir: str | Path) -> list[Path]:
-    """Per protocol: step accuracy (%) after each task, mean ± std band over seeds."""
+def plot_accuracy_curves(table: Table, out_dir: str | Path, score: str = "Accuracy on all seen classes",
+                         stem: str = "accuracy_curves") -> list[Path]:
+    """Per protocol: step accuracy (%) after each task, mean ± std band over seeds.
+
+    ``score`` names the y axis (segmentation runs: the primary metric over the
+    tasks seen), ``stem`` the file name's start."""
     out_dir, files, colors = Path(out_dir), [], _colors(table)
     for proto in _protocols(table):
         groups = _protocol_runs(table, proto)
@@ -518,55 +664,74 @@ def plot_accuracy_curves(table: Table, out_dir: str | Path) -> list[Path]:
             T = max(r.num_tasks for rs in groups.values() for r in rs)
             ax.set_xticks(np.arange(1, T + 1))
             ax.set_xlabel("Incremental step (tasks learned)")
-        ax.set_ylabel("Accuracy on all seen classes (%)")
+        ax.set_ylabel(f"{score} (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.set_title(f"Accuracy after each step — {proto}\n(mean ± std over seeds)")
+        ax.set_title(f"{score.split(' on ')[0]} after each step — {proto}\n(mean ± std over seeds)")
         ax.legend(fontsize="small", loc="best")
-        files.append(_save(fig, out_dir, "accuracy_curves", proto))
+        files.append(_save(fig, out_dir, stem, proto))
     return files
 
 
 def plot_accuracy_matrices(table: Table, out_dir: str | Path) -> list[Path]:
     """Per protocol: heatmap of the mean accuracy matrix (%) of each method, one panel each."""
+    return _matrix_panels(table, out_dir, lambda r: r.acc_matrix, "acc_matrices", "Accuracy (%)",
+                          "Accuracy matrices", lower_only=True)
+
+
+def _matrix_panels(table: Table, out_dir: str | Path, matrix_of, stem: str, label: str, title: str,
+                   lower_only: bool) -> list[Path]:
+    """Per protocol, one heatmap panel per method of the mean over seeds of ``matrix_of(run)``
+    (fractions, shown in %). ``lower_only`` hides entries ``i > t``; otherwise every
+    finite entry is drawn (e.g. the next task's score, before training on it)."""
     from matplotlib import colormaps
 
     out_dir, files = Path(out_dir), []
     cmap = colormaps["viridis"].with_extremes(bad="white")
     for proto in _protocols(table):
-        groups = _protocol_runs(table, proto)
+        groups = {lab: [r for r in rs if matrix_of(r) is not None]
+                  for lab, rs in _protocol_runs(table, proto).items()}
+        groups = {lab: rs for lab, rs in groups.items() if rs}
+        if not groups:
+            continue
         n = len(groups)
         ncols = min(n, 4)
         nrows = math.ceil(n / ncols)
         T = max(rs[0].num_tasks for rs in groups.values())
-        side = max(3.2, 0.45 * T + 1.6)
+        # capped: a 50-task stream would otherwise give a panel over 20 inches wide
+        side = max(3.2, min(0.45 * T + 1.6, 8.5))
         fig = Figure(figsize=(side * ncols + 1.2, side * nrows + 0.8), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
         image = None
         for ax, (lab, rs) in zip(axes.flat, groups.items()):
             # lower triangles are finite (checked on load); unmeasured upper entries stay NaN
-            A = 100.0 * np.mean(np.stack([r.acc_matrix for r in rs]), axis=0)
-            shown = np.ma.masked_where(np.triu(np.ones_like(A, dtype=bool), 1) | ~np.isfinite(A), A)
+            A = 100.0 * np.mean(np.stack([matrix_of(r) for r in rs]), axis=0)
+            hidden = ~np.isfinite(A)
+            if lower_only:
+                hidden |= np.triu(np.ones_like(A, dtype=bool), 1)
+            shown = np.ma.masked_where(hidden, A)
             image = ax.imshow(shown, cmap=cmap, vmin=0, vmax=100)
             if T <= 15:
                 fmt = "{:.1f}" if T <= 6 else "{:.0f}"
                 for t in range(T):
-                    for i in range(t + 1):
+                    for i in range(T):
                         v = shown[t, i]
                         if v is np.ma.masked:
                             continue
                         ax.text(i, t, fmt.format(v), ha="center", va="center", fontsize=8 if T <= 8 else 6,
                                 color="black" if v > 60 else "white")
-            ax.set_xticks(range(T), [str(i + 1) for i in range(T)])
-            ax.set_yticks(range(T), [str(t + 1) for t in range(T)])
+            ticks = range(T) if T <= 15 else range(0, T, max(1, T // 10))
+            ax.set_xticks(list(ticks), [str(i + 1) for i in ticks])
+            ax.set_yticks(list(ticks), [str(t + 1) for t in ticks])
             ax.set_xlabel("Evaluated on task")
             ax.set_ylabel("After training task")
             ax.set_title(f"{lab} (n={len(rs)})", fontsize="medium")
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
-        fig.colorbar(image, ax=axes, label="Accuracy (%)", shrink=0.8)
-        fig.suptitle(f"Accuracy matrices — {proto} (mean over seeds)")
-        files.append(_save(fig, out_dir, "acc_matrices", proto))
+        fig.colorbar(image, ax=axes, label=label, shrink=0.8)
+        # one narrow panel cannot hold the title on one line
+        fig.suptitle(f"{title} — {proto}{chr(10) if n == 1 else ' '}(mean over seeds)")
+        files.append(_save(fig, out_dir, stem, proto))
     return files
 
 
@@ -590,20 +755,7 @@ def plot_transfer_vs_forgetting(table: Table, out_dir: str | Path) -> list[Path]
             ("forward_transfer", "Forward transfer")
         fig = Figure(figsize=(6.4, 4.8), layout="constrained")
         ax = fig.add_subplot()
-        plotted = 0
-        for lab, rs in groups.items():
-            f = np.array([100.0 * r.metrics["average_forgetting"] for r in rs])
-            w = np.array([100.0 * r.metrics[y_key] for r in rs])
-            ok = np.isfinite(f) & np.isfinite(w)
-            if not ok.any():
-                continue
-            f, w = f[ok], w[ok]
-            xerr = f.std(ddof=1) if f.size > 1 else 0.0
-            yerr = w.std(ddof=1) if w.size > 1 else 0.0
-            ax.errorbar(f.mean(), w.mean(), xerr=xerr, yerr=yerr, fmt="o", capsize=4, markersize=7,
-                        color=colors[lab], label=f"{lab} (n={f.size})")
-            plotted += 1
-        if not plotted:
+        if not _method_points(ax, groups, colors, "average_forgetting", y_key):
             continue
         ax.set_xlabel("Average forgetting (%)  ← better")
         ax.set_ylabel(f"{y_name} (%)  better →")
@@ -615,32 +767,273 @@ def plot_transfer_vs_forgetting(table: Table, out_dir: str | Path) -> list[Path]
     return files
 
 
+def _method_points(ax, groups: dict[str, list[Run]], colors: dict, x_key: str, y_key: str) -> int:
+    """One point per method at the mean over seeds of two metrics (%), sample-std error
+    bars; returns how many methods had both values finite."""
+    plotted = 0
+    for lab, rs in groups.items():
+        f = np.array([100.0 * r.metrics.get(x_key, math.nan) for r in rs])
+        w = np.array([100.0 * r.metrics.get(y_key, math.nan) for r in rs])
+        ok = np.isfinite(f) & np.isfinite(w)
+        if not ok.any():
+            continue
+        f, w = f[ok], w[ok]
+        xerr = f.std(ddof=1) if f.size > 1 else 0.0
+        yerr = w.std(ddof=1) if w.size > 1 else 0.0
+        ax.errorbar(f.mean(), w.mean(), xerr=xerr, yerr=yerr, fmt="o", capsize=4, markersize=7,
+                    color=colors[lab], label=f"{lab} (n={f.size})")
+        plotted += 1
+    return plotted
+
+
+# -- segmentation figures ------------------------------------------------------------
+def _primary(table: Table) -> str:
+    metrics = {r.primary_metric for rs in table.runs_per_row.values() for r in rs if r.primary_metric}
+    return sorted(metrics)[0] if len(metrics) == 1 else "map"
+
+
+def plot_seg_transfer_vs_forgetting(table: Table, out_dir: str | Path) -> list[Path]:
+    """Per protocol (CL-AVS Fig. 4): forward transfer FWT (eq. 18) vs. forgetting F
+    (eq. 16) of the primary metric (mAP), in %, one point per method, sample-std error
+    bars over seeds. FWT is the score on each task just before training on it; with
+    binary masks it is not 0 by construction. No plot where no method has both."""
+    out_dir, files, colors = Path(out_dir), [], _colors(table)
+    metric = _primary(table)
+    name = SEG_METRIC_NAMES.get(metric, metric)
+    for proto in _protocols(table):
+        groups = _protocol_runs(table, proto)
+        fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+        ax = fig.add_subplot()
+        if not _method_points(ax, groups, colors, f"{metric}/final_forgetting", f"{metric}/forward_transfer"):
+            continue
+        ax.set_xlabel(f"Forgetting F of {name} (%)  ← better")
+        ax.set_ylabel(f"Forward transfer FWT of {name} (%)  better →")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"Forward transfer vs. forgetting — {proto}\n(mean ± std over seeds)")
+        ax.legend(fontsize="small", loc="best")
+        files.append(_save(fig, out_dir, "transfer_vs_forgetting", proto))
+    return files
+
+
+def plot_maxf_heatmaps(table: Table, out_dir: str | Path) -> list[Path]:
+    """Per protocol (CL-AVS Fig. 5): heatmap of the mean Max-F matrix ``A[t, k]`` of each
+    method, Max-F on task ``k`` after training task ``t`` (%), every measured entry
+    shown (the next task's, before training on it, included). Max-F1 (β = 1, the
+    paper's eq. 12) from ``matrices/maxf1.csv``; runs without it fall back to
+    AVSBench's F-score (β² = 0.3, ``fscore``), and the title names the one shown."""
+    runs = [r for rs in table.runs_per_row.values() for r in rs]
+    metric = "maxf1" if any("maxf1" in r.matrices for r in runs) else "fscore"
+    if not any(metric in r.matrices for r in runs):
+        return []
+    name = SEG_METRIC_NAMES[metric]
+    return _matrix_panels(table, out_dir, lambda r: r.matrices.get(metric), "maxf_heatmaps",
+                          f"{name} (%)", f"{name} after each task", lower_only=False)
+
+
+def _load_overlays(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: not a readable .npz file ({e})") from e
+    for key in ("sample_id", "frame", "prob", "gt"):
+        if key not in data:
+            raise ReportError(f"{path}: missing array {key!r} (needs sample_id, frame, prob, gt)")
+    K = data["sample_id"].shape[0]
+    shapes = {k: data[k].shape for k in ("frame", "prob", "gt")}
+    if shapes["frame"] != (K,) or data["prob"].ndim != 3 or data["prob"].shape[0] != K \
+            or shapes["gt"] != data["prob"].shape:
+        raise ReportError(f"{path}: expected sample_id (K,), frame (K,), prob and gt (K, H, W); got "
+                          f"{data['sample_id'].shape}, {shapes['frame']}, {shapes['prob']}, {shapes['gt']}")
+    if "image" in data and data["image"].shape != data["prob"].shape + (3,):
+        raise ReportError(f"{path}: image must be (K, H, W, 3) like prob {data['prob'].shape}, "
+                          f"got {data['image'].shape}")
+    return data
+
+
+def _overlay_rgb(base: np.ndarray | None, weight: np.ndarray, color) -> np.ndarray:
+    """RGB float image: ``base`` (H, W, 3) uint8 (grey when None) blended towards
+    ``color`` by ``weight`` (H, W) in [0, 1] per pixel."""
+    h, w = weight.shape
+    img = np.full((h, w, 3), 0.35) if base is None else base.astype(np.float64) / 255.0
+    a = np.clip(weight, 0.0, 1.0)[..., None]
+    return np.clip((1 - a) * img + a * np.asarray(color[:3], dtype=np.float64), 0.0, 1.0)
+
+
+def plot_mask_overlays(table: Table, out_dir: str | Path, max_frames: int = 4) -> list[Path]:
+    """Per protocol (CL-AVS Fig. 3): the same test frames for every method.
+
+    Row 1 is the ground truth; below, one row per method: its foreground
+    probability tints the frame red (opacity 0.7 x prob), the predicted mask
+    (``prob > 0.5``, the decision of the IoU printed below) is outlined in red
+    and the ground truth in green. Frames: those present in every method's ``overlays.npz`` (the run of
+    the lowest seed), in the first method's order, at most ``max_frames``
+    (when no frame is shared, each method's own first frames). The frame image
+    is drawn when the file has ``image``, otherwise a grey background.
+    """
+    out_dir, files = Path(out_dir), []
+    for proto in _protocols(table):
+        shown = {}
+        for lab, rs in _protocol_runs(table, proto).items():
+            with_ov = sorted((r for r in rs if r.overlays is not None), key=lambda r: r.seed)
+            if with_ov:
+                shown[lab] = (with_ov[0], _load_overlays(with_ov[0].overlays))
+        if not shown:
+            continue
+        keys = {lab: [(str(s), int(f)) for s, f in zip(d["sample_id"], d["frame"])] for lab, (_, d) in shown.items()}
+        first = next(iter(keys.values()))
+        common = [k for k in first if all(k in ks for ks in keys.values())][:max_frames]
+        n_cols = len(common) or min(max_frames, min(len(ks) for ks in keys.values()))
+        if n_cols == 0:
+            continue
+        rows = len(shown) + 1
+        fig = Figure(figsize=(2.3 * n_cols + 1.6, 2.3 * rows + 0.6), layout="constrained")
+        axes = fig.subplots(rows, n_cols, squeeze=False)
+        ref_lab = next(iter(shown))
+        for c in range(n_cols):
+            key = common[c] if common else keys[ref_lab][c]
+            _, d = shown[ref_lab]
+            j = keys[ref_lab].index(key)
+            gt = d["gt"][j] != 0
+            image = d["image"][j] if "image" in d else None
+            ax = axes[0, c]
+            ax.imshow(_overlay_rgb(image, 0.6 * gt, (0.1, 0.9, 0.2)), interpolation="nearest")
+            ax.set_title(f"{key[0]}\nframe {key[1]}", fontsize="small")
+            for r, (lab, (run, d)) in enumerate(shown.items(), start=1):
+                ax = axes[r, c]
+                ax.set_xticks([]), ax.set_yticks([])
+                k = key if common else (keys[lab][c] if c < len(keys[lab]) else None)
+                if k is None:
+                    ax.set_visible(False)
+                    continue
+                j = keys[lab].index(k)
+                prob = np.asarray(d["prob"][j], dtype=np.float64)
+                g = d["gt"][j] != 0
+                img = d["image"][j] if "image" in d else None
+                ax.imshow(_overlay_rgb(img, 0.7 * prob, (0.95, 0.15, 0.15)), interpolation="nearest")
+                for m, col in ((prob > 0.5, (1.0, 0.1, 0.1)), (g, (0.1, 0.9, 0.2))):
+                    if m.any() and not m.all():
+                        ax.contour(m.astype(float), levels=[0.5], colors=[col], linewidths=1.2)
+                inter, union = np.sum((prob > 0.5) & g), np.sum((prob > 0.5) | g)
+                ax.set_xlabel(f"IoU {inter / union:.2f}" if union else "IoU –", fontsize="small")
+                if c == 0:
+                    ax.set_ylabel(f"{lab}\n(seed {run.seed})", fontsize="small")
+            axes[0, c].set_xticks([]), axes[0, c].set_yticks([])
+            if c == 0:
+                axes[0, 0].set_ylabel("Ground truth", fontsize="small")
+        fig.suptitle(f"Predicted foreground probability (red; outline: > 0.5) and ground truth (green) — {proto}")
+        files.append(_save(fig, out_dir, "mask_overlays", proto))
+    return files
+
+
 # -- everything at once ------------------------------------------------------------
 @dataclass
 class Report:
-    table: Table
-    markdown: str
+    table: Table  # the classification table; the segmentation one when there is no classification run
+    markdown: str  # everything written to the Markdown file(s), in order
     table_md: Path
     table_csv: Path
     plots: list[Path]
+    seg_table: Table | None = None
+    files: list[Path] = field(default_factory=list)  # every table file written
+
+
+def seg_table_notes(metric_keys: Sequence[str]) -> str:
+    """How to read the segmentation columns (which summary, which F)."""
+    notes = []
+    keys = set(metric_keys)
+    if any(k.endswith("/average_accuracy") for k in keys):
+        notes.append("Avg mAP (Avg Max-F1, ...) = AA (CL-AVS eq. 15): the metric on every task after the "
+                     "last task, averaged over tasks")
+    if any(k.endswith("/final_forgetting") for k in keys):
+        notes.append("Avg For = F (eq. 16): best minus final score of each old task, averaged (mAP unless named)")
+    if any(k.startswith("maxf1/") for k in keys):
+        notes.append("Max-F1 is the CL-AVS Max-F with β = 1 (eq. 12)")
+    if any(k.startswith("fscore/") for k in keys):
+        notes.append("F-score (β²=0.3) is AVSBench's F-measure")
+    return ("Segmentation: " + "; ".join(notes) + ".\n") if notes else ""
+
+
+def _segmentation_report(runs: list[Run], out: Path, metrics: Sequence[str], prefix: str, draw: bool):
+    """Tables and figures of segmentation runs; returns (table, markdown, md, csv, files, plots)."""
+    table = build_table(runs, metrics)
+    parts = [table_markdown(table) + seg_table_notes(metrics)]
+    for proto in sorted({r.protocol for r in runs}):
+        detail = build_table([r for r in runs if r.protocol == proto], SEG_DETAIL_METRICS)
+        parts.append(f"### {proto}: every metric after the last task\n\n" + table_markdown(detail))
+    parts[-1] += seg_table_notes(SEG_DETAIL_METRICS)
+    md = "\n".join(parts)
+    md_path = out / f"{prefix}table.md"
+    md_path.write_text(md)
+    csv_path = write_table_csv(table, out / f"{prefix}table.csv")
+    detail_csv = write_table_csv(build_table(runs, SEG_DETAIL_METRICS), out / f"{prefix}table_detail.csv")
+    name = SEG_METRIC_NAMES.get(_primary(table), _primary(table))
+    if not draw:
+        return table, md, md_path, csv_path, [md_path, csv_path, detail_csv], []
+    plots = (
+        plot_accuracy_curves(table, out, score=f"{name} on the tasks seen", stem="score_curves")
+        + _matrix_panels(table, out, lambda r: r.acc_matrix, "score_matrices", f"{name} (%)",
+                         f"{name} after each task", lower_only=False)
+        + plot_maxf_heatmaps(table, out)
+        + plot_seg_transfer_vs_forgetting(table, out)
+        + plot_mask_overlays(table, out)
+    )
+    return table, md, md_path, csv_path, [md_path, csv_path, detail_csv], plots
 
 
 def make_report(
-    paths: Iterable[str | Path], out_dir: str | Path, metrics: Sequence[str] = DEFAULT_METRICS
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    seg_metrics: Sequence[str] = DEFAULT_SEG_METRICS,
+    plots: bool = True,
 ) -> Report:
-    """Load the runs under ``paths`` and write ``table.md``, ``table.csv`` and the
-    PNG plots (accuracy curves, accuracy matrices, transfer vs. forgetting) to ``out_dir``."""
+    """Load the runs under ``paths`` and write tables and PNG plots to ``out_dir``.
+
+    Classification runs: ``table.md``, ``table.csv`` (columns ``metrics``) and
+    the plots accuracy curves, accuracy matrices, transfer vs. forgetting.
+    Segmentation runs (``seg_`` before the table names when classification runs
+    are reported too): ``table.md`` with the CL-AVS Table-1-style table
+    (columns ``seg_metrics``, default Avg mAP and Avg For per protocol) and one
+    detail table per protocol (:data:`SEG_DETAIL_METRICS`), ``table.csv``,
+    ``table_detail.csv``; figures ``score_curves_*`` (primary metric over the
+    tasks seen), ``score_matrices_*`` (its matrices), ``maxf_heatmaps_*``
+    (Fig. 5), ``transfer_vs_forgetting_*`` (Fig. 4) and ``mask_overlays_*``
+    (Fig. 3, from ``overlays.npz``). ``plots=False`` writes the tables only.
+    """
     runs = load_runs(paths)
-    table = build_table(runs, metrics)
+    cls = [r for r in runs if not r.is_segmentation]
+    seg = [r for r in runs if r.is_segmentation]
     out = Path(out_dir)
+    for m in list(metrics) + list(seg_metrics):
+        metric_info(m)
     out.mkdir(parents=True, exist_ok=True)
-    md = table_markdown(table)
-    md_path = out / "table.md"
-    md_path.write_text(md)
-    csv_path = write_table_csv(table, out / "table.csv")
-    plots = (
-        plot_accuracy_curves(table, out)
-        + plot_accuracy_matrices(table, out)
-        + plot_transfer_vs_forgetting(table, out)
-    )
-    return Report(table=table, markdown=md, table_md=md_path, table_csv=csv_path, plots=plots)
+    draw = plots
+    table = md = md_path = csv_path = None
+    plots: list[Path] = []
+    files: list[Path] = []
+    if cls:
+        table = build_table(cls, metrics)
+        md = table_markdown(table)
+        md_path = out / "table.md"
+        md_path.write_text(md)
+        csv_path = write_table_csv(table, out / "table.csv")
+        files += [md_path, csv_path]
+        if draw:
+            plots = (
+                plot_accuracy_curves(table, out)
+                + plot_accuracy_matrices(table, out)
+                + plot_transfer_vs_forgetting(table, out)
+            )
+    seg_table = None
+    if seg:
+        seg_table, seg_md, seg_md_path, seg_csv, seg_files, seg_plots = _segmentation_report(
+            seg, out, seg_metrics, "seg_" if cls else "", draw)
+        files += seg_files
+        plots += seg_plots
+        if table is None:
+            table, md, md_path, csv_path = seg_table, seg_md, seg_md_path, seg_csv
+        else:
+            md = md + "\n## Segmentation\n\n" + seg_md
+    return Report(table=table, markdown=md, table_md=md_path, table_csv=csv_path, plots=plots,
+                  seg_table=seg_table, files=files)
