@@ -11,9 +11,12 @@ Heads register themselves by name (:func:`register_head`); one file each.
 """
 from __future__ import annotations
 
-from train.heads.base import HEADS, Head, HeadError, build_head, head_config, head_names, register_head
+from train.heads.base import (
+    HEADS, Head, HeadError, build_head, head_config, head_names, head_origin, register_head, resolve_head,
+)
 
 # importing the modules registers the heads
 from train.heads import audio_only, guided_attention, naive_fusion, visual_only  # noqa: E402,F401
 
-__all__ = ["HEADS", "Head", "HeadError", "build_head", "head_config", "head_names", "register_head"]
+__all__ = ["HEADS", "Head", "HeadError", "build_head", "head_config", "head_names", "head_origin", "register_head",
+           "resolve_head"]

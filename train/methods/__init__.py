@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 from train.methods.base import (
-    METHODS, Hparams, Method, MethodError, build_method, method_class, method_hparams, method_names, register_method,
+    METHODS, Hparams, Method, MethodError, build_method, method_class, method_hparams, method_names, method_origin,
+    register_method, resolve_method,
 )
 from train.methods import finetune, icarl, joint, lll, lwf, ssil  # noqa: E402,F401  (registration)
 
 __all__ = ["METHODS", "Hparams", "Method", "MethodError", "build_method", "method_class", "method_hparams",
-           "method_names", "register_method"]
+           "method_names", "method_origin", "register_method", "resolve_method"]
