@@ -227,11 +227,15 @@ class EntryPoints:
 
 
 def first_line(doc: str | None) -> str:
-    """The first sentence-line of a docstring (for listings), or ''."""
+    """The first sentence of a docstring's first paragraph, on one line (for listings), or ''."""
+    para = []
     for line in (doc or "").strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+        if not line.strip():
+            break
+        para.append(line.strip())
+    text = " ".join(para)
+    m = re.search(r"[.!?](?=\s+[A-Z(`\"]|$)", text)  # not after "e.g." inside a sentence
+    return text[: m.start() + 1] if m else text
 
 
 # -- a registry of named classes (methods, heads) ------------------------------------------
