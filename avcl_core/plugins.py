@@ -179,10 +179,11 @@ class EntryPoints:
         self._eps: dict[str, metadata.EntryPoint] | None = None
         self.failures: dict[str, str] = {}  # name -> "<origin>: <error>"
         self._done: set[str] = set()
+        self._warned: set[str] = set()
 
     def reset(self) -> None:
         """Forget what was read (the next lookup rescans ``sys.path``); registered objects stay."""
-        self._eps, self.failures, self._done = None, {}, set()
+        self._eps, self.failures, self._done, self._warned = None, {}, set(), set()
 
     def entry_points(self) -> dict[str, metadata.EntryPoint]:
         """``{name: entry point}`` of the group over every distribution on ``sys.path`` (first one wins)."""
@@ -211,14 +212,13 @@ class EntryPoints:
 
     def load_all(self, warn: bool = True) -> dict[str, str]:
         """Import every entry point of the group; returns the failures, warned about when ``warn``."""
-        new = [n for n in self.entry_points() if n not in self._done]
-        for name in new:
+        for name in self.entry_points():
             self.load(name)
         if warn:
-            for name in new:
-                if name in self.failures:
-                    warnings.warn(f"{self.kind} plugin {name!r} skipped: {self.failures[name]}", PluginWarning,
-                                  stacklevel=3)
+            for name, failure in self.failures.items():
+                if name not in self._warned:  # once per process, not at every listing
+                    self._warned.add(name)
+                    warnings.warn(f"{self.kind} plugin {name!r} skipped: {failure}", PluginWarning, stacklevel=3)
         return dict(self.failures)
 
     def failure(self, name: str) -> str | None:
