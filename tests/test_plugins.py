@@ -356,12 +356,13 @@ def test_protocol_folders_from_avcl_protocols(toy, tmp_path, monkeypatch):
 
 # -- the Python API ----------------------------------------------------------------------------------
 def test_api_run_is_the_cli_code_path(toy, tmp_path):
-    from train import api
+    from train import api, sweep
 
     opts = {"epochs": 2, "batch_size": 16, "head.d_model": 16, "head.n_heads": 2, "lamb": 2}
     fs = api.load_features(toy.store)
     assert len(fs) == len(toy.manifest) and fs.dims == {"audio": (4, 8), "visual": (3, 12)}
     run = api.run(fs, "lwf", protocol=toy.protocol, seed=1, options=opts, out=tmp_path / "api")
+    assert [v is fs for v in sweep._FEATURE_SETS.values()] == [True]  # trained on fs itself, not a reloaded copy
     cli = train_cli(toy, tmp_path / "cli", "--method", "lwf", "--seeds", "1", "--set", "lamb=2",
                     "--set", "head.n_heads=2")[0]
     assert run.status == "ok" and run.run_dir == tmp_path / "api" / "toy-3x2" / "lwf" / "seed1"

@@ -12,9 +12,15 @@ Each run (method x head x seed) writes ``RUNDIR/<protocol>/<method>[-<head>]/see
 task checkpoint. A one-screen summary (mean accuracy / average forgetting per
 method and seed) is printed at the end.
 
+Methods and heads are built-in names, names that installed plugins declare
+(entry-point groups ``avcl.methods`` / ``avcl.heads``), or one-off
+``path/to/file.py:ClassName`` / ``package.module:ClassName`` references;
+``--list`` shows them all. The command line is a thin layer over
+:mod:`train.api` (``make_specs`` then ``run_specs``), which scripts can call directly.
+
 ``main(argv)`` returns the list of per-run result dicts when given ``argv``
 (tests, scripts); as the console script (no argv) it returns the exit status
-(0 when no run failed).
+(0 when no run failed). ``main(["--list"])`` returns the listing's text.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ examples:
   avcl-train --cache my.zarr --class-order sorted --classes-per-task 5 --memory 200 \\
       --protocol my-4x5 --method ssil --out runs          (bring your own protocol)
   avcl-train ... --scheduler local:4                       (spread runs over 4 processes)
+  avcl-train ... --method my_methods.py:MyDistill --set beta=2   (a method from your own file)
+  avcl-train --list                     (every method, head, encoder: options, defaults, origin)
 
 --set keys are the method's hyper-parameters (e.g. lr, epochs, lambda_kd) or head
 options prefixed by 'head.' (e.g. head.d_model); an unknown key is an error that
