@@ -36,6 +36,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import types
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -274,7 +275,7 @@ class Registry:
             if taken:
                 raise PluginError(f"{obj.__qualname__} is registered as {taken[0]!r}, not {name!r}")
             self._register(name, obj)
-        elif type(obj).__name__ == "module":
+        elif isinstance(obj, types.ModuleType):
             if name not in self.items:
                 raise PluginError(f"module {obj.__name__} registers no {self.kind} named {name!r}")
             if self.origin(name) == BUILTIN:

@@ -7,7 +7,9 @@ options (:attr:`Head.Config`). ``forward(batch)`` takes
 :attr:`Head.streams` are read) and returns the clip feature (B, ``out_dim``) that
 the trainer's classifier maps to logits and that methods distil.
 
-Heads register themselves by name (:func:`register_head`); one file each.
+Heads register themselves by name (:func:`register_head`); one file each. Heads
+from other packages (entry-point group ``avcl.heads``) and from files
+(``path/to/file.py:Class``) are found by :func:`resolve_head` (:mod:`avcl_core.plugins`).
 """
 from __future__ import annotations
 

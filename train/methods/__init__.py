@@ -3,6 +3,8 @@
 ``finetune``, ``joint``, ``lwf``, ``icarl`` (``icarl-nme``, ``icarl-fc``),
 ``ssil``, ``lll``. See :mod:`train.methods.base` for the hook contract and
 :mod:`train.methods.presets` for presets (``--preset``) and ``--set k=v`` resolution.
+Methods from other packages (entry-point group ``avcl.methods``) and from files
+(``path/to/file.py:Class``) are found by :func:`resolve_method` (:mod:`avcl_core.plugins`).
 """
 from __future__ import annotations
 
