@@ -9,7 +9,8 @@ every function here is deterministic and uses no global random state.
 Files
 -----
 Named protocols live in ``manifests/protocols/<name>.json`` (or ``.json.gz``,
-read transparently). Keys (only ``name``, ``dataset``, ``classes`` and
+read transparently), and in the folders of ``AVCL_PROTOCOLS=dir1:dir2`` for
+protocols of your own (a shipped name wins, see :func:`protocol_dirs`). Keys (only ``name``, ``dataset``, ``classes`` and
 ``tasks``/``classes_per_task`` are required)::
 
     name, dataset, setting ('CIL'), kind ('classification'), memory (0),
@@ -45,6 +46,7 @@ import gzip
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -493,23 +495,53 @@ def save_protocol(p: Protocol, path: str | Path) -> Path:
 
 # -- loading ----------------------------------------------------------------------
 def protocols_dir() -> Path:
+    """The shipped protocol files (``manifests/protocols``)."""
     return manifests_dir() / "protocols"
 
 
-def _protocol_files() -> dict[str, Path]:
+def protocol_dirs() -> list[Path]:
+    """Where named protocols are looked up, in order: the shipped folder, then every folder of
+    ``AVCL_PROTOCOLS`` (separated by ``os.pathsep``, ``:`` on POSIX). A name is taken from the first
+    folder that has it, so a shipped protocol name always means the shipped protocol."""
+    extra = [Path(p).expanduser() for p in os.environ.get("AVCL_PROTOCOLS", "").split(os.pathsep) if p.strip()]
+    return [protocols_dir(), *extra]
+
+
+def _protocol_files(shadowed: list[Path] | None = None) -> dict[str, Path]:
+    """``{name: file}`` over :func:`protocol_dirs`; files hidden by an earlier folder's file of the
+    same name are appended to ``shadowed`` when given."""
     out: dict[str, Path] = {}
-    d = protocols_dir()
-    if d.is_dir():
+    for d in protocol_dirs():
+        if not d.is_dir():
+            continue
         for f in sorted(d.iterdir()):
             for suffix in (".json.gz", ".json"):
                 if f.name.endswith(suffix) and not f.name.startswith("."):
-                    out.setdefault(f.name[: -len(suffix)], f)
+                    name = f.name[: -len(suffix)]
+                    if name not in out:
+                        out[name] = f
+                    elif shadowed is not None and out[name].parent != f.parent:
+                        shadowed.append(f)
+                    break
     return out
 
 
 def list_protocols() -> list[str]:
-    """Names of the shipped protocols (files in ``manifests/protocols``), sorted."""
-    return sorted(_protocol_files())
+    """Names of the known protocols (shipped ones and those in ``AVCL_PROTOCOLS`` folders), sorted.
+
+    A file in an ``AVCL_PROTOCOLS`` folder whose name a shipped (or earlier) protocol has is
+    ignored, with a warning."""
+    shadowed: list[Path] = []
+    files = _protocol_files(shadowed)
+    for f in shadowed:
+        warnings.warn(f"protocol file {f} is ignored: the name is taken by {files[f.name.split('.json')[0]]}",
+                      stacklevel=2)
+    return sorted(files)
+
+
+def protocol_file(name: str) -> Path | None:
+    """The file of the named protocol (see :func:`protocol_dirs`), or None."""
+    return _protocol_files().get(name)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -531,7 +563,8 @@ def _load_file(path: str, mtime_ns: int) -> Protocol:
 
 
 def load_protocol(name_or_path: str) -> Protocol:
-    """Load a shipped protocol by name (``manifests/protocols/<name>.json[.gz]``) or a ``.json[.gz]`` file path.
+    """Load a protocol by name (``manifests/protocols/<name>.json[.gz]``, then the ``AVCL_PROTOCOLS``
+    folders, see :func:`protocol_dirs`) or a ``.json[.gz]`` file path.
 
     Raises :class:`ProtocolError` listing the available names when neither exists.
     """
@@ -545,8 +578,9 @@ def load_protocol(name_or_path: str) -> Protocol:
             raise ProtocolError(f"protocol file {path} does not exist")
     else:
         raise ProtocolError(
-            f"unknown protocol {s!r}; available: {', '.join(files) or '(none)'} "
-            f"(in {protocols_dir()}), or give a path to a protocol .json file"
+            f"unknown protocol {s!r}; available: {', '.join(sorted(files)) or '(none)'} "
+            f"(in {', '.join(str(d) for d in protocol_dirs())}; more folders with AVCL_PROTOCOLS=dir1:dir2), "
+            "or give a path to a protocol .json file"
         )
     return _load_file(str(path.resolve()), path.stat().st_mtime_ns)
 

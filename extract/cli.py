@@ -141,7 +141,8 @@ def _default_device() -> str:
 @click.option("--root", type=click.Path(file_okay=False), help="Dataset folder; manifest paths are relative to it.")
 @click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False),
               help="Your own manifest (.jsonl/.csv) instead of a dataset builder.")
-@click.option("--encoder", help="Encoder: sam-audio, pann-cnn14, vit-b16 or signal.")
+@click.option("--encoder", help="Encoder: sam-audio, pann-cnn14, vit-b16, signal, or one an installed plugin "
+              "declares (entry-point group avcl.encoders; `avcl-train --list` shows them all).")
 @click.option("--variant", default=None, help="Encoder variant (e.g. base, tiny).")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), help="Local weights file of the encoder.")
 @click.option("--random-init", is_flag=True, help="Random weights (seeded by --seed): for tests and benchmarks.")
@@ -180,7 +181,7 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
     store and are listed in the summary; the run goes on.
     """
     from avcl_core.cache import StoreError
-    from extract.encoders import ENCODERS, CheckpointError, build_encoder
+    from extract.encoders import CheckpointError, build_encoder, encoder_module
     from extract.runner import extract, repair
 
     _setup_logging(verbose)
@@ -196,9 +197,10 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
                 raise click.UsageError("--shards goes with --repair STORE")
             if not encoder:
                 raise click.UsageError("--encoder is required")
-            if encoder not in ENCODERS:
-                raise click.BadParameter(f"{encoder!r}; choose one of {', '.join(sorted(ENCODERS))}",
-                                         param_hint="--encoder")
+            try:
+                encoder_module(encoder)  # a plugin encoder is imported here; its import error is named
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--encoder") from None
             if not root:
                 raise click.UsageError("--root is required (the folder the manifest's paths are relative to)")
             device = device or _default_device()

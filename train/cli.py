@@ -12,19 +12,24 @@ Each run (method x head x seed) writes ``RUNDIR/<protocol>/<method>[-<head>]/see
 task checkpoint. A one-screen summary (mean accuracy / average forgetting per
 method and seed) is printed at the end.
 
+Methods and heads are built-in names, names that installed plugins declare
+(entry-point groups ``avcl.methods`` / ``avcl.heads``), or one-off
+``path/to/file.py:ClassName`` / ``package.module:ClassName`` references;
+``--list`` shows them all. The command line is a thin layer over
+:mod:`train.api` (``make_specs`` then ``run_specs``), which scripts can call directly.
+
 ``main(argv)`` returns the list of per-run result dicts when given ``argv``
 (tests, scripts); as the console script (no argv) it returns the exit status
-(0 when no run failed).
+(0 when no run failed). ``main(["--list"])`` returns the listing's text.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from train.sweep import RunSpec, protocol_name, run_sweep, summary_table
+from train.api import SpecError, catalog, format_catalog, make_specs, run_specs
+from train.sweep import RunSpec, summary_table
 
 EPILOG = """\
 examples:
@@ -35,6 +40,8 @@ examples:
   avcl-train --cache my.zarr --class-order sorted --classes-per-task 5 --memory 200 \\
       --protocol my-4x5 --method ssil --out runs          (bring your own protocol)
   avcl-train ... --scheduler local:4                       (spread runs over 4 processes)
+  avcl-train ... --method my_methods.py:MyDistill --set beta=2   (a method from your own file)
+  avcl-train --list                     (every method, head, encoder: options, defaults, origin)
 
 --set keys are the method's hyper-parameters (e.g. lr, epochs, lambda_kd) or head
 options prefixed by 'head.' (e.g. head.d_model); an unknown key is an error that
@@ -50,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="avcl-train", description="Train class-incremental audio-visual classifiers from feature stores.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", action="append", required=True, metavar="STORE",
+    p.add_argument("--list", action="store_true",
+                   help="list every method, head and encoder (built-in and plugins) with its description, "
+                        "hyper-parameters and defaults, and exit")
+    p.add_argument("--cache", action="append", metavar="STORE",
                    help="feature store (path or fsspec URL); repeat to take streams from several stores "
                         "(matched by sample_id); STORE@KEY requires that key (prefix)")
     p.add_argument("--stream", action="append", default=[], metavar="NAME=STORE_STREAM",
@@ -61,9 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-per-task", type=int, help="with --class-order: classes per task")
     p.add_argument("--base", type=int, help="with --class-order: classes of the first task (default: classes per task)")
     p.add_argument("--memory", type=int, help="total exemplar budget (overrides the protocol's)")
-    p.add_argument("--method", action="append", required=True,
-                   help=f"method(s), repeat or comma-separate: {', '.join(method_names())}")
-    p.add_argument("--head", action="append", help=f"head(s) (default: the method's): {', '.join(head_names())}")
+    # built-in names only in the help: building the parser must not import plugins (--list shows them)
+    p.add_argument("--method", action="append",
+                   help=f"method(s), repeat or comma-separate: {', '.join(method_names(plugins=False))}, a plugin's "
+                        "(see --list), or path/to/file.py:ClassName / package.module:ClassName")
+    p.add_argument("--head", action="append",
+                   help=f"head(s) (default: the method's): {', '.join(head_names(plugins=False))}, a plugin's, "
+                        "or path/to/file.py:ClassName / package.module:ClassName")
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0-4 (default 0)")
     p.add_argument("--epochs", type=int, help="epochs per task for every method (overrides preset and defaults)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="overrides",
@@ -81,32 +95,12 @@ def _parser() -> argparse.ArgumentParser:
                         "recorded in config.json as torch_threads")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last task checkpoint")
     p.add_argument("--force", action="store_true", help="retrain runs that are already done")
-    p.add_argument("--out", required=True, metavar="RUNDIR", help="root of the run directories")
+    p.add_argument("--out", metavar="RUNDIR", help="root of the run directories (required)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-task progress lines")
     return p
 
 
-class CliError(ValueError):
-    pass
-
-
-def _seeds(text: str) -> list[int]:
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise CliError(f"--seeds {text!r}: expected integers like 0,1,2 or 0-4") from None
-    if not out:
-        raise CliError("--seeds: no seed given")
-    return list(dict.fromkeys(out))
+CliError = SpecError  # arguments that do not describe a runnable sweep (the message says what to do)
 
 
 def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
@@ -119,86 +113,20 @@ def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
-def _split_list(values: Sequence[str] | None) -> list[str]:
-    return [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
-
-
-def _check_own_protocol(spec: RunSpec) -> None:
-    """Resolve a bring-your-own protocol against the first store's manifest (cheap: no features read)."""
-    from avcl_core.cache import open_store
-    from train.features import _manifest_from_arrays, load_store_manifest
-    from train.sweep import resolve_protocol_for
-
-    store = open_store(spec.caches[0], key=spec.keys[0] if spec.keys else None)
-    manifest = load_store_manifest(store) or _manifest_from_arrays(store)
-    resolve_protocol_for(spec, manifest)
-
-
 def build_specs(args: argparse.Namespace) -> list[RunSpec]:
-    """One :class:`RunSpec` per (method, head, seed); names, stores, protocol and options checked first."""
-    from avcl_core.cache import open_store
-    from avcl_core.protocols import ProtocolError
-    from train.heads import head_names
-    from train.heads.base import OptionError, head_class, option_names
-    from train.methods import method_class, method_names
-    from train.methods.presets import load_preset, resolve_options, split_overrides
-
-    methods = _split_list(args.method)
-    bad = [m for m in methods if m not in method_names()]
-    if bad:
-        raise CliError(f"unknown method(s) {bad}; available: {', '.join(method_names())}")
-    heads = _split_list(args.head) or [None]
-    bad = [h for h in heads if h is not None and h not in head_names()]
-    if bad:
-        raise CliError(f"unknown head(s) {bad}; available: {', '.join(head_names())}")
-    if args.class_order is None and not args.protocol:
-        raise CliError("give --protocol NAME, or --class-order with --classes-per-task (bring your own protocol)")
-    if args.class_order is not None and not args.classes_per_task:
-        raise CliError("--class-order needs --classes-per-task")
-    caches, keys = [], []
-    for c in args.cache:
-        path, key = c, None
-        if "@" in c:
-            left, tail = c.rsplit("@", 1)
-            if re.fullmatch(r"[0-9a-f]{6,64}", tail):
-                path, key = left, tail
-        caches.append(path if "://" in path else str(Path(path).resolve()))
-        keys.append(key)
-    overrides = tuple(_pairs(args.overrides, "--set"))
-    streams = tuple(_pairs(args.stream, "--stream")) or None
-    load_preset(args.preset)  # fail early on an unknown preset
-    for path, key in zip(caches, keys):
-        open_store(path, key=key)  # fail early on a missing, incomplete or mismatched store
-    seeds = _seeds(args.seeds)
-    protocol = args.protocol
-    if protocol and args.class_order is None and (protocol.endswith((".json", ".json.gz")) or "/" in protocol):
-        protocol = str(Path(protocol).resolve())  # workers may run elsewhere
-    specs = [
-        RunSpec(caches=tuple(caches), keys=tuple(keys) if any(keys) else None, streams=streams, method=m, head=h,
-                seed=s, out=str(Path(args.out).resolve()), protocol=protocol, class_order=args.class_order,
-                classes_per_task=args.classes_per_task, memory=args.memory, base=args.base, preset=args.preset,
-                overrides=overrides, epochs=args.epochs, select=args.select, device=args.device, force=args.force,
-                resume=args.resume, threads=args.threads, verbose=not args.quiet)
-        for m in methods for h in heads for s in seeds
-    ]
-    # validate names, protocol, presets and --set keys before any training starts
-    try:
-        proto = protocol_name(specs[0])
-        if args.class_order is not None:
-            _check_own_protocol(specs[0])
-    except ProtocolError as e:
-        raise CliError(str(e)) from None
-    _, head_keys = split_overrides(dict(overrides))
-    for m in methods:
-        used = [h or method_class(m).default_head for h in heads]
-        valid = {k for h in used for k in option_names(head_class(h).Config)}
-        bad = sorted(set(head_keys) - valid)
-        if bad:
-            raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; valid head keys for "
-                              f"{', '.join(used)}: {', '.join('head.' + k for k in sorted(valid))}")
-        for h in heads:
-            resolve_options(m, h, args.preset, proto, dict(overrides), args.epochs, strict_head=False)
-    return specs
+    """One :class:`RunSpec` per (method, head, seed) through :func:`train.api.make_specs` (the API's code path)."""
+    if not args.cache:
+        raise CliError("give at least one --cache STORE")
+    if not args.method:
+        raise CliError("give --method NAME (avcl-train --list shows them)")
+    if not args.out:
+        raise CliError("give --out RUNDIR (the root of the run directories)")
+    return make_specs(
+        args.cache, args.method, out=args.out, protocol=args.protocol, seeds=args.seeds, heads=args.head,
+        options=_pairs(args.overrides, "--set"), preset=args.preset, epochs=args.epochs,
+        streams=dict(_pairs(args.stream, "--stream")) or None, class_order=args.class_order,
+        classes_per_task=args.classes_per_task, base=args.base, memory=args.memory, select=args.select,
+        device=args.device, force=args.force, resume=args.resume, threads=args.threads, verbose=not args.quiet)
 
 
 def main(argv: Sequence[str] | None = None):
@@ -206,6 +134,10 @@ def main(argv: Sequence[str] | None = None):
     console = argv is None
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.list:
+        text = format_catalog(catalog())
+        print(text)
+        return 0 if console else text
     from avcl_core.cache import StoreError
     from train.features import FeatureSetError
     from train.heads.base import OptionError
@@ -217,7 +149,7 @@ def main(argv: Sequence[str] | None = None):
         if console:
             parser.exit(2, f"avcl-train: error: {e}\n")
         raise
-    results = run_sweep(specs, scheduler=args.scheduler, jobs=args.jobs)
+    results = run_specs(specs, scheduler=args.scheduler, jobs=args.jobs)
     print(summary_table(results), file=sys.stdout)
     if console:
         return 1 if any(r["status"] == "failed" for r in results) else 0

@@ -68,6 +68,9 @@ class RunSpec:
     threads: int = 0  # torch threads; 0 = auto_threads
     parallel: int = 1  # runs sharing this machine's cores at once
     verbose: bool = False
+    # ("method" | "head", "/abs/file.py:Class" or "module:Class") to load before the run, so
+    # that a worker process knows the one-off classes the sweep was given
+    plugins: tuple[tuple[str, str], ...] = ()
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -120,6 +123,15 @@ def load_features(spec: RunSpec, device):
     return _FEATURE_SETS[key]
 
 
+def load_plugins(spec: RunSpec) -> None:
+    """Load (once per process) the ``file.py:Class`` / ``module:Class`` references the spec names."""
+    from train.heads.base import resolve_head
+    from train.methods.base import resolve_method
+
+    for kind, ref in spec.plugins:
+        (resolve_method if kind == "method" else resolve_head)(ref)
+
+
 def resolve_protocol_for(spec: RunSpec, manifest):
     from avcl_core.protocols import resolve_protocol
 
@@ -129,7 +141,8 @@ def resolve_protocol_for(spec: RunSpec, manifest):
 
 def build_config(spec: RunSpec, fs, protocol, hp, head: str, head_cfg) -> dict:
     """The run's ``config.json``; ``config_hash`` covers everything that changes the results."""
-    from train.heads.base import options_dict
+    from train.heads.base import head_origin, options_dict
+    from train.methods.base import method_origin
     from train.methods.presets import hparams_dict
 
     identity = {
@@ -168,6 +181,7 @@ def build_config(spec: RunSpec, fs, protocol, hp, head: str, head_cfg) -> dict:
         "host": socket.gethostname(),
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "protocol_provenance": protocol.provenance,
+        "origins": {"method": method_origin(spec.method), "head": head_origin(head)},  # built-in or which plugin
     })
     if spec.select == "val-seen":
         cfg["select_note"] = ("model selection on the val split of all seen classes uses old-class "
@@ -216,6 +230,7 @@ def run_one(spec: RunSpec) -> dict:
         from train.methods.presets import resolve_options
         from train.trainer import Trainer, _device
 
+        load_plugins(spec)
         proto_name = protocol_name(spec)
         result["protocol"] = proto_name
         rdir = run_dir(spec, proto_name)

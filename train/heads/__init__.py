@@ -7,13 +7,18 @@ options (:attr:`Head.Config`). ``forward(batch)`` takes
 :attr:`Head.streams` are read) and returns the clip feature (B, ``out_dim``) that
 the trainer's classifier maps to logits and that methods distil.
 
-Heads register themselves by name (:func:`register_head`); one file each.
+Heads register themselves by name (:func:`register_head`); one file each. Heads
+from other packages (entry-point group ``avcl.heads``) and from files
+(``path/to/file.py:Class``) are found by :func:`resolve_head` (:mod:`avcl_core.plugins`).
 """
 from __future__ import annotations
 
-from train.heads.base import HEADS, Head, HeadError, build_head, head_config, head_names, register_head
+from train.heads.base import (
+    HEADS, Head, HeadError, build_head, head_config, head_names, head_origin, register_head, resolve_head,
+)
 
 # importing the modules registers the heads
 from train.heads import audio_only, guided_attention, naive_fusion, visual_only  # noqa: E402,F401
 
-__all__ = ["HEADS", "Head", "HeadError", "build_head", "head_config", "head_names", "register_head"]
+__all__ = ["HEADS", "Head", "HeadError", "build_head", "head_config", "head_names", "head_origin", "register_head",
+           "resolve_head"]

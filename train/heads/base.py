@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avcl_core.plugins import Registry
+
 
 class HeadError(ValueError):
     """An unknown head or head option; the message lists the valid ones."""
@@ -123,24 +125,44 @@ HEADS: dict[str, type[Head]] = {}
 
 
 def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
+    """Class decorator: register a :class:`Head` subclass under ``name`` (sets ``cls.name``).
+
+    Where it came from (built-in, a plugin, a file) is recorded for ``avcl-train --list``.
+    """
     def deco(cls: type[Head]) -> type[Head]:
         if name in HEADS:
             raise HeadError(f"head {name!r} registered twice")
         cls.name = name
-        HEADS[name] = cls
+        REGISTRY.add(name, cls)
         return cls
 
     return deco
 
 
-def head_names() -> list[str]:
-    return sorted(HEADS)
+#: built-in heads, entry points of group ``avcl.heads`` (loaded on first lookup) and
+#: ``file.py:Class`` / ``module:Class`` references (see :mod:`avcl_core.plugins`)
+REGISTRY = Registry("head", Head, HeadError, HEADS, lambda name, cls: register_head(name)(cls))
+
+
+def head_names(plugins: bool = True) -> list[str]:
+    """Every registered head name, sorted; ``plugins`` imports the ``avcl.heads`` entry points first."""
+    return REGISTRY.names(plugins)
+
+
+def resolve_head(name: str) -> str:
+    """The registered name of a head given by name, entry-point name or ``file.py:Class`` /
+    ``module:Class`` reference (loaded and registered now); :class:`HeadError` when it cannot be used."""
+    return REGISTRY.resolve(name)
+
+
+def head_origin(name: str) -> str:
+    """``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or ``module <name>``."""
+    return REGISTRY.origin(resolve_head(name))
 
 
 def head_class(name: str) -> type[Head]:
-    if name not in HEADS:
-        raise HeadError(f"unknown head {name!r}; available heads: {', '.join(head_names())}")
-    return HEADS[name]
+    """The class of head ``name`` (anything :func:`resolve_head` accepts)."""
+    return REGISTRY.get(name)
 
 
 def head_config(name: str, options: Mapping[str, Any] | None = None):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
+from avcl_core.plugins import Registry
 from train.heads.base import OptionError, coerce_options
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,31 +150,51 @@ class Method:
 METHODS: dict[str, type[Method]] = {}
 
 
+class MethodError(ValueError):
+    """An unknown or unusable method name; the message lists the available ones or names the plugin's error."""
+
+
 def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (sets ``cls.name``).
+
+    Where it came from (built-in, a plugin, a file) is recorded for ``avcl-train --list``.
+    """
     def deco(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         if cls.replay not in REPLAY_MODES:
             raise ValueError(f"method {name!r}: replay {cls.replay!r} is not one of {REPLAY_MODES}")
         cls.name = name
-        METHODS[name] = cls
+        REGISTRY.add(name, cls)
         return cls
 
     return deco
 
 
-def method_names() -> list[str]:
-    return sorted(METHODS)
+#: built-in methods, entry points of group ``avcl.methods`` (loaded on first lookup) and
+#: ``file.py:Class`` / ``module:Class`` references (see :mod:`avcl_core.plugins`)
+REGISTRY = Registry("method", Method, MethodError, METHODS, lambda name, cls: register_method(name)(cls))
 
 
-class MethodError(ValueError):
-    """An unknown method name; the message lists the available ones."""
+def method_names(plugins: bool = True) -> list[str]:
+    """Every registered method name, sorted; ``plugins`` imports the ``avcl.methods`` entry points first."""
+    return REGISTRY.names(plugins)
+
+
+def resolve_method(name: str) -> str:
+    """The registered name of a method given by name, entry-point name or ``file.py:Class`` /
+    ``module:Class`` reference (loaded and registered now); :class:`MethodError` when it cannot be used."""
+    return REGISTRY.resolve(name)
+
+
+def method_origin(name: str) -> str:
+    """``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or ``module <name>``."""
+    return REGISTRY.origin(resolve_method(name))
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise MethodError(f"unknown method {name!r}; available methods: {', '.join(method_names())}")
-    return METHODS[name]
+    """The class of method ``name`` (anything :func:`resolve_method` accepts)."""
+    return REGISTRY.get(name)
 
 
 def method_hparams(name: str, options: Mapping[str, Any] | None = None, base=None):
