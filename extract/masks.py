@@ -95,14 +95,17 @@ def _load_npz(path: Path, sid: str) -> np.ndarray:
     return arr
 
 
-def default_mask_size(row: dict, root) -> int:
-    """The store default for a row's dataset: synth's render size, else :data:`DEFAULT_MASK_SIZE`."""
-    if row.get("dataset") == "synth" and str(row.get("masks") or "").endswith(".npz"):
-        return int(_load_npz(_resolve(root, row["masks"]), row.get("sample_id")).shape[-1])
+def default_mask_size(row: dict) -> int:
+    """The store default for a row's dataset: synth's render size (``size=`` of its render
+    tag), else :data:`DEFAULT_MASK_SIZE`."""
+    if row.get("dataset") == "synth":
+        m = re.search(r"(?:^|,)size=(\d+)", str(row.get("subset") or ""))
+        if m:
+            return int(m.group(1))
     return DEFAULT_MASK_SIZE
 
 
-def mask_spec_for(manifest, preprocess: Preprocess, root, dataset: str | None = None,
+def mask_spec_for(manifest, preprocess: Preprocess, dataset: str | None = None,
                   mask_size: int | None = None) -> MaskSpec | None:
     """The masks a store of ``manifest`` x an encoder with ``preprocess`` carries, or None.
 
@@ -115,7 +118,7 @@ def mask_spec_for(manifest, preprocess: Preprocess, root, dataset: str | None = 
     first = next((r for r in manifest.rows if r.get("masks")), None)
     if first is None:
         return None
-    size = int(mask_size) if mask_size else default_mask_size(first, root)
+    size = int(mask_size) if mask_size else default_mask_size(first)
     if size < 1:
         raise MaskError(f"mask_size must be >= 1, got {size}")
     return MaskSpec(size=size, frames=preprocess.num_frames)

@@ -185,16 +185,18 @@ def prepare_store(
     dataset: str | None = None,
     rows_per_shard: int | None = None,
     info: Mapping | None = None,
-    masks: MaskSpec | None = None,
+    mask_size: int | None = None,
 ) -> FeatureStore:
     """Create (or reopen to resume) the store for ``manifest`` x ``encoder`` under ``cache_dir``.
 
-    ``masks``: the ground-truth masks stored with the features (segmentation datasets).
+    A segmentation dataset's store also holds its ground-truth masks
+    (:func:`extract.masks.mask_spec_for`; ``mask_size`` overrides their default side).
 
     Saves the manifest as ``<store>/manifest.jsonl`` and records ``info`` under
     ``attrs["extract"]`` when the store does not have them yet.
     """
     dataset = dataset or manifest.dataset
+    masks = mask_spec_for(manifest, encoder.preprocess, dataset, mask_size)
     material = key_material(encoder, manifest, dataset, masks)
     key = compute_key(material)
     path = store_path(cache_dir, dataset, encoder.name, key)
@@ -564,9 +566,8 @@ def extract(
     t0 = time.perf_counter()
     dataset = dataset or manifest.dataset
     info = dict(info or {"dataset": dataset, "root": str(Path(root).resolve()), "encoder": encoder.name})
-    masks = mask_spec_for(manifest, encoder.preprocess, root, dataset, mask_size)
     store = prepare_store(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info,
-                          masks=masks)
+                          mask_size=mask_size)
     return _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
                 progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
 

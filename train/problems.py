@@ -83,6 +83,9 @@ class ClassificationProblem(Problem):
         if p.setting not in ("CIL", "TIL"):
             raise TrainError(f"protocol {p.name!r} has setting {p.setting!r}; "
                              "the classification trainer supports CIL and TIL")
+        if getattr(trainer.method, "segmentation_only", False):
+            raise TrainError(f"method {trainer.method.name!r} trains segmentation protocols; "
+                             f"{p.name!r} is a classification protocol")
 
 
 class SegmentationProblem(Problem):

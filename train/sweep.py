@@ -423,6 +423,6 @@ def summary_table(results: Iterable[dict]) -> str:
 
 
 def _known(method: str) -> bool:
-    from train.methods import METHODS
+    from train.methods import method_names
 
-    return method in METHODS
+    return method in method_names()

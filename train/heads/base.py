@@ -120,24 +120,28 @@ class Head(nn.Module):
 
 
 HEADS: dict[str, type[Head]] = {}
+#: Segmentation heads (:mod:`train.heads.seg`): built with a frame geometry, output mask logits.
+SEG_HEADS: dict[str, type[Head]] = {}
 
 
 def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
     def deco(cls: type[Head]) -> type[Head]:
-        if name in HEADS:
+        if name in HEADS or name in SEG_HEADS:
             raise HeadError(f"head {name!r} registered twice")
         cls.name = name
-        HEADS[name] = cls
+        (SEG_HEADS if getattr(cls, "segmentation", False) else HEADS)[name] = cls
         return cls
 
     return deco
 
 
 def head_names() -> list[str]:
-    return sorted(HEADS)
+    return sorted({**HEADS, **SEG_HEADS})
 
 
 def head_class(name: str) -> type[Head]:
+    if name in SEG_HEADS:
+        return SEG_HEADS[name]
     if name not in HEADS:
         raise HeadError(f"unknown head {name!r}; available heads: {', '.join(head_names())}")
     return HEADS[name]

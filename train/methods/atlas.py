@@ -47,6 +47,7 @@ class AtlasHparams(RegHparams):
 @register_method("atlas")
 class Atlas(OnlinePathIntegral):
     Hparams = AtlasHparams
+    segmentation_only = True
     default_head = "atlas"
     default_seg_head = "atlas"
 

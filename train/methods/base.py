@@ -154,23 +154,25 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+#: Methods that only train segmentation protocols (e.g. ``atlas``): ``segmentation_only = True``.
+SEG_METHODS: dict[str, type[Method]] = {}
 
 
 def register_method(name: str):
     def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
+        if name in METHODS or name in SEG_METHODS:
             raise ValueError(f"method {name!r} registered twice")
         if cls.replay not in REPLAY_MODES:
             raise ValueError(f"method {name!r}: replay {cls.replay!r} is not one of {REPLAY_MODES}")
         cls.name = name
-        METHODS[name] = cls
+        (SEG_METHODS if getattr(cls, "segmentation_only", False) else METHODS)[name] = cls
         return cls
 
     return deco
 
 
 def method_names() -> list[str]:
-    return sorted(METHODS)
+    return sorted({**METHODS, **SEG_METHODS})
 
 
 class MethodError(ValueError):
@@ -178,6 +180,8 @@ class MethodError(ValueError):
 
 
 def method_class(name: str) -> type[Method]:
+    if name in SEG_METHODS:
+        return SEG_METHODS[name]
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; available methods: {', '.join(method_names())}")
     return METHODS[name]
