@@ -164,3 +164,54 @@ def test_a_classification_head_or_store_without_masks_is_refused(seg_data, tmp_p
     fs2 = FeatureSet.from_stores([seg_data["store"]])  # pooled visual stream: not dense tokens
     with pytest.raises(TrainError, match="visual_dense"):
         Trainer(fs2, p, build_method("finetune", {"epochs": 1}), head="atlas", seed=0)
+
+
+def test_ewc_si_mas_serve_classification_and_ewc_penalty_grows_with_drift(seg_data, tmp_path):
+    """``avcl-train --method ewc,si,mas`` on a synth classification protocol, then EWC's penalty by hand."""
+    from avcl_core.protocols import save_protocol, protocol_from_dict
+
+    proto = save_protocol(protocol_from_dict(synth.protocols(4)[0]), tmp_path / "synth-2x2.json")
+    res = train_main(["--cache", seg_data["store"], "--protocol", str(proto), "--method", "ewc,si,mas",
+                      "--epochs", "2", "--set", "batch_size=8", "--set", "head.d_model=16", "--set", "head.n_heads=2",
+                      "--out", str(tmp_path / "runs"), "-q"])
+    assert [r["status"] for r in res] == ["ok"] * 3, [r.get("traceback") for r in res]
+    for r in res:
+        A = np.asarray(r["acc_matrix"])
+        assert A.shape == (2, 2) and np.isfinite(A).all()
+        assert not (Path(r["run_dir"]) / "matrices").exists()  # classification: one accuracy matrix
+    fs = FeatureSet.from_stores([seg_data["store"]])
+    tr = Trainer(fs, load_protocol(str(proto)), build_method("ewc", {"epochs": 1, "batch_size": 8}),
+                 head_config={"d_model": 16, "n_heads": 2}, seed=0)
+    tr.fit()
+    ewc = tr.method
+    assert ewc.anchor and float(ewc.penalty().detach()) == 0.0  # zero at the anchor
+    fisher = ewc.importance
+    assert all((v >= 0).all() for v in fisher.values()) and any(v.sum() > 0 for v in fisher.values())
+    values = []
+    for step in (0.01, 0.02, 0.04):
+        with torch.no_grad():
+            for n, p in tr.model.named_parameters():
+                if n in ewc.anchor:
+                    p.copy_(ewc.anchor[n] + step)
+        values.append(float(ewc.penalty().detach()))
+        expect = 0.5 * 5000.0 * sum(float((fisher[n] * step ** 2).sum()) for n in ewc.anchor)
+        assert values[-1] == pytest.approx(expect, rel=1e-4)
+    assert values[0] < values[1] < values[2]
+
+
+def test_si_path_integral_by_hand():
+    """omega = sum -g * dtheta over the steps; Omega = max(0, omega / (total shift^2 + xi))."""
+    from train.methods.param_reg import PathIntegral
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    path = PathIntegral({"w": p})
+    grads = [torch.tensor([0.5, -1.0]), torch.tensor([0.25, 2.0])]
+    shifts = [torch.tensor([-0.1, 0.2]), torch.tensor([-0.05, -0.3])]
+    for g, d in zip(grads, shifts):
+        path.step({"w": g})
+        with torch.no_grad():
+            p.add_(d)
+    omega = -(grads[0] * shifts[0] + grads[1] * shifts[1])
+    total = shifts[0] + shifts[1]
+    expect = torch.clamp(omega / (total ** 2 + 1e-3), min=0)
+    torch.testing.assert_close(path.importance(1e-3)["w"], expect, rtol=1e-5, atol=1e-6)
