@@ -228,3 +228,19 @@ def test_pann_per_second_tokens_pool_the_frame_map():
         lo, hi = (s * T) // 5, -(-((s + 1) * T) // 5)
         torch.testing.assert_close(sec[:, s], dense[:, lo:hi].mean(dim=1))
     assert "audio_seconds" not in build_encoder("pann-cnn14", variant="tiny", clip_seconds=5.0).streams()
+
+
+@pytest.mark.parametrize("method", ["atlas", "lwf"])
+def test_an_interrupted_segmentation_run_resumes_to_the_same_matrices(seg_data, tmp_path, method):
+    from train_fixtures import Interrupted, interrupt_before_task
+
+    full = _trainer(seg_data, "cil", method=method, run_dir=tmp_path / "full", epochs=1).fit()
+    tr = interrupt_before_task(_trainer(seg_data, "cil", method=method, run_dir=tmp_path / "cut", epochs=1), 1)
+    with pytest.raises(Interrupted):
+        tr.fit()
+    res = _trainer(seg_data, "cil", method=method, run_dir=tmp_path / "cut", epochs=1).fit(resume=True)
+    assert res.resumed_from == 1
+    for m in METRICS:
+        np.testing.assert_array_equal(res.extra["matrices"][m], full.extra["matrices"][m])
+        np.testing.assert_array_equal(read_acc_matrix(tmp_path / "cut" / "matrices" / f"{m}.csv"),
+                                      full.extra["matrices"][m])
