@@ -11,7 +11,10 @@ row order):
   (the rest is padding);
 - ``labels`` (N,) int32 manifest class id (first label of multi-source rows,
   all of them in ``labels_multi`` (N, L) padded with -1);
-- ``sample_id`` (N,) str.
+- ``sample_id`` (N,) str;
+- extra row arrays of their own dtype, written with the shard (attribute
+  ``extras`` = {name: {"shape", "dtype"}}), e.g. the ground-truth ``masks``
+  (N, F, H, W) uint8 and ``mask_valid`` (N, F) uint8 of segmentation datasets.
 
 Every array is sharded on the row axis with the same ``rows_per_shard``
 (shards of about 16–32 MB, smaller inner chunks, zstd + crc32c). The shard is
@@ -218,6 +221,11 @@ class FeatureStore:
         return {k: tuple(v) for k, v in self.attrs["streams"].items()}
 
     @property
+    def extras(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Extra row arrays: name -> (per-row shape, dtype); empty for stores without them."""
+        return {k: (tuple(v["shape"]), str(v["dtype"])) for k, v in (self.attrs.get("extras") or {}).items()}
+
+    @property
     def dataset(self) -> str:
         return self.attrs.get("dataset", "")
 
@@ -360,8 +368,11 @@ class FeatureStore:
         status: np.ndarray,
         valid_len: np.ndarray,
         failures: Iterable[ShardFailure] = (),
+        extras: Mapping[str, np.ndarray] | None = None,
     ) -> dict:
-        """Write all rows of shard ``i`` (one aligned assignment per array), then its done-marker."""
+        """Write all rows of shard ``i`` (one aligned assignment per array), then its done-marker.
+
+        ``extras`` holds the shard's rows of every extra array of the store (:attr:`extras`)."""
         self._require_writable()
         rows = self.shard_rows(i)
         n = rows.stop - rows.start
@@ -372,6 +383,12 @@ class FeatureStore:
             data = np.asarray(features[name], dtype=self.group[name].dtype)
             if data.shape != (n, *shape):
                 raise StoreError(f"{self.path}: shard {i} stream {name!r} has shape {data.shape}, expected {(n, *shape)}")
+            self.group[name][rows] = data
+            digests[name] = _array_digest(data)
+        for name, (shape, dtype) in self.extras.items():
+            data = np.asarray((extras or {}).get(name, np.zeros((n, *shape), dtype)), dtype=dtype)
+            if data.shape != (n, *shape):
+                raise StoreError(f"{self.path}: shard {i} array {name!r} has shape {data.shape}, expected {(n, *shape)}")
             self.group[name][rows] = data
             digests[name] = _array_digest(data)
         status = np.asarray(status, dtype=np.uint8)
@@ -449,8 +466,11 @@ def create_store(
     streams: Mapping[str, tuple[int, ...]],
     dtype: str = "float16",
     rows_per_shard: int | None = None,
+    extras: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
 ) -> FeatureStore:
     """Create a building store at ``path``, or reopen it to resume when its key matches.
+
+    ``extras``: extra row arrays, name -> (per-row shape, dtype), sharded like the streams.
 
     Creation is atomic: the group is built in a temporary sibling directory and
     renamed into place, so two extractors starting at once end up sharing one store.
@@ -465,7 +485,9 @@ def create_store(
     n = len(manifest)
     if n == 0:
         raise StoreError(f"{path}: the manifest has no rows")
+    extras = {k: (tuple(int(x) for x in s), str(dt)) for k, (s, dt) in (extras or {}).items()}
     row_bytes = sum(int(np.prod(s)) for s in streams.values()) * np.dtype(dtype).itemsize
+    row_bytes += sum(int(np.prod(s)) * np.dtype(dt).itemsize for s, dt in extras.values())
     per_shard, per_chunk = plan_rows(row_bytes, n)
     if rows_per_shard:
         per_shard, per_chunk = rows_per_shard, min(per_chunk, rows_per_shard)
@@ -478,6 +500,9 @@ def create_store(
     for name, shape in streams.items():
         shape = tuple(int(x) for x in shape)
         group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(per_chunk, *shape),
+                           shards=(per_shard, *shape), compressors=compressors, fill_value=0)
+    for name, (shape, dt) in extras.items():
+        group.create_array(name, shape=(n, *shape), dtype=dt, chunks=(per_chunk, *shape),
                            shards=(per_shard, *shape), compressors=compressors, fill_value=0)
     for name, dt in (("status", "uint8"), ("valid_len", "float32")):
         group.create_array(name, shape=(n,), dtype=dt, chunks=(per_shard,), shards=(per_shard,),
@@ -508,6 +533,7 @@ def create_store(
             "rows_per_chunk": per_chunk,
             "streams": {k: list(v) for k, v in streams.items()},
             "dtype": dtype,
+            **({"extras": {k: {"shape": list(s), "dtype": dt} for k, (s, dt) in extras.items()}} if extras else {}),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": socket.gethostname(),
@@ -596,7 +622,8 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
     and that the bytes hash to the sha256 in the shard's done-marker.
     """
     bad: list[tuple[int, str]] = []
-    names = list(store.streams) + ["status", "valid_len"]
+    names = list(store.streams) + list(store.extras) + ["status", "valid_len"]
+    shapes = {**store.streams, **{k: s for k, (s, _) in store.extras.items()}}
     for i in range(store.n_shards):
         rows = store.shard_rows(i)
         try:
@@ -613,7 +640,7 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
             except Exception as e:  # noqa: BLE001 - any decode failure is corruption
                 bad.append((i, f"{name}: chunk does not decode ({type(e).__name__}: {e})"))
                 continue
-            want_shape = (rows.stop - rows.start, *store.streams.get(name, ()))
+            want_shape = (rows.stop - rows.start, *shapes.get(name, ()))
             if data.shape != want_shape:
                 bad.append((i, f"{name}: shape {data.shape} != {want_shape}"))
             elif marker.get("sha256", {}).get(name) not in (None, _array_digest(data)):

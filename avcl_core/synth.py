@@ -211,6 +211,65 @@ def write_protocols(directory: str | Path, classes: int) -> list[Path]:
     return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in protocols(classes)]
 
 
+#: Chunks of the task-free segmentation stream of :func:`seg_protocols`.
+SEG_TASKFREE_TASKS = 4
+
+
+def seg_task_count(classes: int) -> int:
+    """Tasks of the class-cut segmentation protocols: 3 when ``classes`` is a multiple of 3
+    (and at least 6), else 2 when it is even, else 1."""
+    _check_classes(classes)
+    if classes % 3 == 0 and classes >= 6:
+        return 3
+    return 2 if classes % 2 == 0 else 1
+
+
+def seg_protocols(classes: int) -> list[dict]:
+    """Binary segmentation protocols ``synth-seg-{cil,til,dil,taskfree}`` over ``classes`` synth classes.
+
+    The mask of a clip is its sounding object (:func:`render`). ``cil``/``til``/``dil``
+    cut the classes (in index order) into :func:`seg_task_count` tasks of equal size;
+    what each setting does with that cut is defined by the trainer
+    (:class:`train.problems.SegmentationProblem`): CIL adds a class head over the
+    seen classes, TIL selects one mask output per task by the task id, DIL treats the
+    class groups as domains of one binary task. ``taskfree`` streams every training
+    clip in :data:`SEG_TASKFREE_TASKS` chunks (sample ids sorted, permuted by
+    ``default_rng(0)``). All are exemplar-free (memory 0), as the CL-AVS protocols.
+    """
+    names = class_names(classes)
+    t = seg_task_count(classes)
+    k = classes // t
+    tasks = [list(range(j * k, (j + 1) * k)) for j in range(t)]
+    what = {"cil": "CIL: a class head over the seen classes is trained with the masks",
+            "til": "TIL: the task id selects the task's own mask output",
+            "dil": "DIL: the class groups arrive as domains of one binary (sounding / not) task"}
+    out = []
+    for name, setting in (("cil", "CIL"), ("til", "TIL"), ("dil", "DIL")):
+        out.append({
+            "name": f"synth-seg-{name}", "dataset": DATASET, "classes": names, "tasks": tasks, "setting": setting,
+            "memory": 0, "kind": "segmentation", "derived": False,
+            "provenance": (f"avcl_core.synth with {classes} classes: binary masks of the sounding object; "
+                           f"{t} task{'s' if t > 1 else ''} of {k} consecutive classes; {what[name]}; exemplar-free"),
+        })
+    out.append({
+        "name": "synth-seg-taskfree", "dataset": DATASET, "classes": names,
+        "tasks": [list(range(classes))] * SEG_TASKFREE_TASKS, "setting": "task-free", "memory": 0,
+        "kind": "segmentation", "derived": False, "seed": 0,
+        "provenance": (f"avcl_core.synth with {classes} classes: binary masks of the sounding object; task-free "
+                       f"stream of every training clip (ids sorted, permuted by numpy.random.default_rng(0)) cut "
+                       f"into {SEG_TASKFREE_TASKS} chunks; val/test cut the same way; exemplar-free"),
+    })
+    return out
+
+
+def write_seg_protocols(directory: str | Path, classes: int) -> list[Path]:
+    """Write every protocol of :func:`seg_protocols` as ``<directory>/<name>.json`` (shipped files' layout)."""
+    from avcl_core.protocols import protocol_from_dict, save_protocol
+
+    directory = Path(directory)
+    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in seg_protocols(classes)]
+
+
 # -- splits -------------------------------------------------------------------------
 def split_of(j: int, clips_per_class: int) -> str:
     """Split of clip ``j`` of a class: first 60 % train, next 20 % val, rest test

@@ -148,7 +148,8 @@ def _default_device() -> str:
 @click.option("--random-init", is_flag=True, help="Random weights (seeded by --seed): for tests and benchmarks.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init weights.")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Extra encoder option (repeatable), value parsed as JSON, e.g. -o frames_per_clip=4 -o dense=false.")
+              help="Extra encoder option (repeatable), value parsed as JSON, e.g. -o frames_per_clip=4 -o dense=false; "
+                   "-o mask_size=N sets the side of the stored ground-truth masks (segmentation datasets).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Clips per encoder call.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
@@ -207,7 +208,9 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
             manifest, name, source = load_manifest(dataset, root, manifest_path)
             if limit is not None and limit < len(manifest):
                 manifest = Manifest.from_rows(manifest.rows[:limit], source=manifest.source)
-            opts = encoder_options(encoder, variant, checkpoint, random_init, seed, device, _parse_options(options))
+            extra_opts = _parse_options(options)
+            mask_size = extra_opts.pop("mask_size", None)  # a store option (extract.masks), not the encoder's
+            opts = encoder_options(encoder, variant, checkpoint, random_init, seed, device, extra_opts)
             try:
                 enc = build_encoder(encoder, **opts)
             except TypeError as e:
@@ -217,7 +220,8 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
             summary = extract(manifest, root, enc, cache_dir or default_cache_root(), batch_size=batch_size,
                               workers=workers, device=device, scheduler=scheduler, progress=progress, dataset=name,
                               rows_per_shard=rows_per_shard, threads=threads, info=info,
-                              encoder_factory=functools.partial(build_encoder, encoder, **opts))
+                              encoder_factory=functools.partial(build_encoder, encoder, **opts),
+                              mask_size=mask_size)
     except (StoreError, ManifestError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(summary.format())

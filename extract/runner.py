@@ -52,6 +52,7 @@ from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, STATU
 from avcl_core.manifest import Manifest
 from extract.decode import DecodedClip, decode_row, quiet_decoder_logs
 from extract.encoders.base import FeatureEncoder
+from extract.masks import MaskError, MaskSpec, mask_spec_for, read_masks, spec_of_store
 
 log = logging.getLogger("avcl.extract")
 
@@ -144,9 +145,13 @@ def _ranges(ix: Iterable[int]) -> str:
 
 
 # -- store helpers -------------------------------------------------------------
-def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str) -> dict:
-    """The store's key material: the encoder's, plus the manifest hash and dataset name."""
-    return {**encoder.key_material(), "manifest": manifest.hash(), "dataset": dataset}
+def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str, masks: MaskSpec | None = None) -> dict:
+    """The store's key material: the encoder's, plus the manifest hash and dataset name
+    (and the ground-truth mask spec when the store carries masks, :mod:`extract.masks`)."""
+    out = {**encoder.key_material(), "manifest": manifest.hash(), "dataset": dataset}
+    if masks is not None:
+        out["masks"] = masks.as_dict()
+    return out
 
 
 def open_writable(path: str, key: str | None = None) -> FeatureStore:
@@ -180,18 +185,24 @@ def prepare_store(
     dataset: str | None = None,
     rows_per_shard: int | None = None,
     info: Mapping | None = None,
+    mask_size: int | None = None,
 ) -> FeatureStore:
     """Create (or reopen to resume) the store for ``manifest`` x ``encoder`` under ``cache_dir``.
+
+    A segmentation dataset's store also holds its ground-truth masks
+    (:func:`extract.masks.mask_spec_for`; ``mask_size`` overrides their default side).
 
     Saves the manifest as ``<store>/manifest.jsonl`` and records ``info`` under
     ``attrs["extract"]`` when the store does not have them yet.
     """
     dataset = dataset or manifest.dataset
-    material = key_material(encoder, manifest, dataset)
+    masks = mask_spec_for(manifest, encoder.preprocess, dataset, mask_size)
+    material = key_material(encoder, manifest, dataset, masks)
     key = compute_key(material)
     path = store_path(cache_dir, dataset, encoder.name, key)
     store = create_store(path, key_material=material, manifest=manifest, streams=encoder.streams(),
-                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard)
+                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard,
+                         extras=masks.arrays() if masks is not None else None)
     if store.status != "complete":
         _save_manifest_copy(store, manifest)
         if "extract" not in store.attrs:
@@ -302,6 +313,7 @@ class _ShardBuffer:
         self.rows = store.shard_rows(shard)
         n = self.rows.stop - self.rows.start
         self.features = {k: np.zeros((n, *s), dtype=np.float16) for k, s in store.streams.items()}
+        self.extras = {k: np.zeros((n, *s), dtype=dt) for k, (s, dt) in store.extras.items()}
         self.status = np.zeros(n, dtype=np.uint8)
         self.valid_len = np.zeros(n, dtype=np.float32)
         self.failures: list[ShardFailure] = []
@@ -312,7 +324,7 @@ class _ShardBuffer:
     def fail(self, j: int, sample_id: str, code: int, reason: str) -> None:
         self.status[j] = code
         self.valid_len[j] = 0.0
-        for feats in self.features.values():
+        for feats in (*self.features.values(), *self.extras.values()):
             feats[j] = 0
         self.failures.append(ShardFailure(sample_id, int(code), reason))
 
@@ -365,13 +377,22 @@ def _flush_batch(buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.devic
             buf.valid_len[j] = clip.valid_len
 
 
+def _with_masks(buf: _ShardBuffer, j: int, row: dict, root, spec: MaskSpec, pp, clip: DecodedClip) -> DecodedClip:
+    """Put row ``j``'s ground-truth masks into the shard buffer; an unreadable mask fails the row."""
+    try:
+        buf.extras["masks"][j], buf.extras["mask_valid"][j] = read_masks(row, root, spec, pp)
+    except MaskError as e:
+        return DecodedClip(None, None, 0.0, STATUS_UNREADABLE, str(e))
+    return clip
+
+
 def clear_shard(store: FeatureStore, i: int) -> None:
     """Delete shard ``i``'s stored objects of every row array.
 
     Zarr reads an existing shard object before overwriting it, so a corrupt
     leftover (a repair, a damaged disk) would make the rewrite fail; the shard is
     being redone, so whatever is there is garbage."""
-    for name in [*store.streams, "status", "valid_len"]:
+    for name in [*store.streams, *store.extras, "status", "valid_len"]:
         arr = store.group[name]
         key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
         with contextlib.suppress(FileNotFoundError):
@@ -386,7 +407,7 @@ def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncode
         raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
                            f"({buf.decoded_ok} clips); first error: {first}")
     clear_shard(store, buf.shard)
-    store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures)
+    store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures, extras=buf.extras)
     seconds = time.perf_counter() - buf.start
     log.info("shard %d written by pid %d: %d ok, %d failed (%.1f s)", buf.shard, os.getpid(), ok,
              len(buf.failures), seconds)
@@ -418,6 +439,7 @@ def run_shards(
     results: list[ShardResult] = []
     window = max(2 * batch_size, 4 * workers, 1)
     decoders = _Decoders(workers, root, pp)
+    mask_spec = spec_of_store(store)
 
     def claimed() -> Iterator[int]:
         while True:
@@ -457,6 +479,8 @@ def run_shards(
                 buf = _ShardBuffer(store, i)
             j = r - buf.rows.start
             sid = rows[r]["sample_id"]
+            if clip.ok and mask_spec is not None:
+                clip = _with_masks(buf, j, rows[r], root, mask_spec, pp, clip)
             if clip.ok:
                 buf.decoded_ok += 1
                 buf.batch.append((j, sid, clip))
@@ -516,6 +540,7 @@ def extract(
     threads: int | None = None,
     encoder_factory: Callable[[], FeatureEncoder] | None = None,
     info: Mapping | None = None,
+    mask_size: int | None = None,
 ) -> Summary:
     """Extract ``encoder`` features of every clip in ``manifest`` into its store under ``cache_dir``.
 
@@ -527,6 +552,8 @@ def extract(
     encoder with ``encoder_factory`` (a picklable zero-argument callable) or receive
     this one. ``rows_per_shard``: override the store's shard size (new stores only).
     ``info``: what :func:`repair` needs, recorded under ``attrs["extract"]``.
+    ``mask_size``: side of the stored ground-truth masks of a segmentation dataset
+    (default: :func:`extract.masks.default_mask_size`).
 
     A complete store is left alone (``Summary.already_complete``); an interrupted one
     is resumed (done shards are skipped).
@@ -539,7 +566,8 @@ def extract(
     t0 = time.perf_counter()
     dataset = dataset or manifest.dataset
     info = dict(info or {"dataset": dataset, "root": str(Path(root).resolve()), "encoder": encoder.name})
-    store = prepare_store(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info)
+    store = prepare_store(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info,
+                          mask_size=mask_size)
     return _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
                 progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
 
@@ -667,7 +695,7 @@ def repair(
     if not root:
         raise StoreError(f"{path}: the store does not record the dataset root; pass root")
     encoder = encoder_from_info(info, device)
-    material = key_material(encoder, manifest, ro.key_material.get("dataset", ro.dataset))
+    material = key_material(encoder, manifest, ro.key_material.get("dataset", ro.dataset), spec_of_store(ro))
     if compute_key(material) != ro.key:
         diff = sorted(k for k in set(material) | set(ro.key_material) if material.get(k) != ro.key_material.get(k))
         raise StoreError(f"{path}: the encoder rebuilt from the recorded options gives another key "

@@ -90,7 +90,7 @@ def test_protocol_shapes_and_shipped_protocols_match_the_generator(tmp_path):
     assert synth.protocol_shapes(12) == [(2, 6), (3, 4), (4, 3), (6, 2)]
     assert synth.protocol_shapes(7) == [(1, 7)]
     written = synth.write_protocols(tmp_path, 12)
-    shipped = sorted((manifests_dir() / "protocols").glob("synth-*.json"))
+    shipped = sorted((manifests_dir() / "protocols").glob("synth-[0-9]*.json"))
     assert [p.name for p in shipped] == sorted(p.name for p in written)
     for p in shipped:
         assert p.read_bytes() == (tmp_path / p.name).read_bytes(), p.name

@@ -111,14 +111,28 @@ def run_dir(spec: RunSpec, proto_name: str | None = None) -> Path:
     return Path(spec.out) / (proto_name or protocol_name(spec)) / run_label(spec.method, spec.head) / f"seed{spec.seed}"
 
 
-def load_features(spec: RunSpec, device):
+#: Streams of a segmentation run when ``--stream`` gives none: the dense visual tokens.
+SEG_STREAMS = (("visual", "visual_dense"),)
+
+
+def protocol_kind(spec: RunSpec) -> str:
+    """``classification`` or ``segmentation`` (cheap: reads no feature store)."""
+    if spec.class_order is not None:
+        return "classification"
+    from avcl_core.protocols import load_protocol
+
+    return load_protocol(spec.protocol).kind
+
+
+def load_features(spec: RunSpec, device, default_streams=None):
     from train.features import FeatureSet
 
-    key = (spec.caches, spec.keys, spec.streams, str(device))
+    streams = spec.streams or default_streams
+    key = (spec.caches, spec.keys, streams, str(device))
     if key not in _FEATURE_SETS:
         _FEATURE_SETS.clear()  # keep one set in memory per process
         _FEATURE_SETS[key] = FeatureSet.from_stores(
-            list(spec.caches), streams=dict(spec.streams) if spec.streams else None, device=device,
+            list(spec.caches), streams=dict(streams) if streams else None, device=device,
             keys=list(spec.keys) if spec.keys else None)
     return _FEATURE_SETS[key]
 
@@ -236,18 +250,24 @@ def run_one(spec: RunSpec) -> dict:
         rdir = run_dir(spec, proto_name)
         result["run_dir"] = str(rdir)
         device = _device(spec.device)
-        fs = load_features(spec, device)
+        seg = protocol_kind(spec) == "segmentation"
+        fs = load_features(spec, device, SEG_STREAMS if seg else None)
         protocol = resolve_protocol_for(spec, fs.manifest).bind(fs.manifest)
         if spec.memory is not None and spec.class_order is None:
             protocol = dataclasses.replace(protocol, memory=int(spec.memory), memory_per_class=0)
-        hp, head, head_cfg = resolve_options(spec.method, spec.head, spec.preset, protocol.name,
+        from train.methods import method_class
+
+        head_name = spec.head or (method_class(spec.method).default_seg_head if seg else None)
+        hp, head, head_cfg = resolve_options(spec.method, head_name, spec.preset, protocol.name,
                                              dict(spec.overrides), spec.epochs, strict_head=False)
-        result["head"] = head
+        result["head"] = head if spec.head is not None or not seg else None  # labelled as its run directory
         torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
         cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
         # Float sums differ with the thread count, so runs repeat bit-exactly for the same
         # count; it is recorded (outside the config hash, which says what is trained).
         cfg["torch_threads"] = torch.get_num_threads()
+        if seg:
+            cfg.update(problem="segmentation", primary_metric="map")
         cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
         if met_path.is_file() and not spec.force:
             old = _read_json(cfg_path)
@@ -418,6 +438,6 @@ def summary_table(results: Iterable[dict]) -> str:
 
 
 def _known(method: str) -> bool:
-    from train.methods import METHODS
+    from train.methods import method_names
 
-    return method in METHODS
+    return method in method_names()

@@ -1,4 +1,4 @@
-"""The shared class-incremental training loop.
+"""The shared continual training loop, for classification and segmentation.
 
 :class:`Trainer` owns everything that is not a method's idea: the task loop,
 the seen classes and the growing classifier, the exemplar memory, the
@@ -31,6 +31,16 @@ uninterrupted run would.
 Run directory files written here: ``log.jsonl`` (one line per epoch),
 ``ckpt_task<t>.pt`` (model, classifier size, memory, method state, accuracy rows;
 no optimiser), ``acc_matrix.csv`` and, last, ``metrics.json``.
+
+Problems: what is trained and measured is a :class:`~train.problems.Problem`
+chosen by the protocol's ``kind`` (:func:`~train.problems.make_problem`). The
+loop above is the same for both; classification is described above. For
+segmentation (:class:`~train.problems.SegmentationProblem`: its settings, loss
+and metrics are defined there) every metric has its own matrix, written to
+``matrices/<metric>.csv``; ``acc_matrix.csv`` holds the primary metric's
+(``map``), ``metrics.json`` the summaries of the primary matrix plus
+``per_metric`` and ``primary_metric``, and ``overlays.npz`` a few test frames of
+the final model.
 """
 from __future__ import annotations
 
@@ -162,12 +172,6 @@ class Trainer:
         self.device = _device(device)
         self.fs = features.to(self.device)
         self.protocol = protocol.bind(self.fs.manifest)
-        if self.protocol.kind != "classification":
-            raise TrainError(f"protocol {self.protocol.name!r} is a {self.protocol.kind} protocol; avcl-train "
-                             "trains classification protocols")
-        if self.protocol.setting not in ("CIL", "TIL"):
-            raise TrainError(f"protocol {self.protocol.name!r} has setting {self.protocol.setting!r}; "
-                             "the classification trainer supports CIL and TIL")
         self.method = method
         self.hp = method.hp
         self.head_name = head or method.default_head
@@ -184,7 +188,10 @@ class Trainer:
         sizes = [len(t) for t in self.tasks]
         self.offsets = [0, *np.cumsum(sizes).tolist()]
         self.class_order = [c for t in self.tasks for c in t]
-        self._prepare_labels()
+        from train.problems import make_problem
+
+        self.problem = make_problem(self)
+        self.problem.prepare()
 
         self.memory = self._new_memory()
         if method.replay in ("mixed", "paired") and not (self.protocol.memory or self.protocol.memory_per_class):
@@ -255,8 +262,14 @@ class Trainer:
         return idx[self.y_np[idx] == c]
 
     def teacher_outputs(self, idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """Previous model's ``feature`` (B, D) and ``logits`` (B, n_old) on FeatureSet indices ``idx``."""
+        """Previous model's ``feature`` (B, D) and ``logits`` (B, n_old) on FeatureSet indices ``idx``
+        (and ``mask_logits`` for segmentation, computed on the fly)."""
         if self._teacher is None:
+            if self.old_model is not None and not self.problem.precompute_teacher and self.method.uses_teacher:
+                with torch.no_grad():
+                    out = self.old_model(self.fs.batch(idx, self._head_streams))
+                out["logits"] = out["logits"][:, : self.n_old]
+                return out
             return None
         pos = self._teacher_pos[idx]
         return {k: v[pos] for k, v in self._teacher.items()}
@@ -281,7 +294,10 @@ class Trainer:
         return self._outputs(self.model, idx)["feature"]
 
     # -- one task ---------------------------------------------------------------------------
-    def _build_model(self, n_classes: int) -> CILModel:
+    def _build_model(self, n_classes: int) -> nn.Module:
+        return self.problem.build_model(n_classes)
+
+    def _build_classifier_model(self, n_classes: int) -> CILModel:
         head = build_head(self.head_name, self.fs.dims, self.head_config)
         self._head_streams = tuple(head.streams)
         return CILModel(head, n_classes).to(self.device)
@@ -337,11 +353,12 @@ class Trainer:
             self.old_model = copy.deepcopy(self.model).eval()
             for p in self.old_model.parameters():
                 p.requires_grad_(False)
-            self.model.classifier.grow(self.n_seen - self.n_old)
+            if self.n_seen > self.n_old:
+                self.model.classifier.grow(self.n_seen - self.n_old)
         model = self.model
         pool, exemplars = self._pools(t)
         self._teacher = self._teacher_pos = None
-        if method.uses_teacher and self.old_model is not None:
+        if method.uses_teacher and self.old_model is not None and self.problem.precompute_teacher:
             self._precompute_teacher(np.unique(np.concatenate([pool, exemplars])))
         method.before_task(t)
 
@@ -370,6 +387,7 @@ class Trainer:
                     idx = torch.cat([idx, ex_order[ex_pos: ex_pos + ebs]])
                     ex_pos += ebs
                 batch = {"idx": idx, "x": self.fs.batch(idx, self._head_streams), "y": self.y[idx]}
+                batch.update(self.problem.targets(idx))
                 out = model(batch["x"])
                 terms = method.loss(batch, out)
                 loss = sum(terms.values())
@@ -389,7 +407,7 @@ class Trainer:
             entry.update({k: float(v) / counts[k] for k, v in sums.items()})
             last_loss = entry["loss"]
             if val_idx is not None:
-                acc = float((self.predict(val_idx) == self.y_np[val_idx]).mean())
+                acc = self.problem.val_score(val_idx)
                 entry["val_acc"] = acc
                 if acc > best[0]:
                     best = (acc, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -402,7 +420,8 @@ class Trainer:
         self._teacher = self._teacher_pos = None  # only needed while training
 
         # exemplars of the new classes, chosen with the final model of this task
-        if method.replay in ("mixed", "paired") and (self.protocol.memory or self.protocol.memory_per_class):
+        if (method.replay in ("mixed", "paired") and (self.protocol.memory or self.protocol.memory_per_class)
+                and self.n_seen > self.n_old):
             if self.protocol.memory_per_class:
                 self.memory.memory_size = self.protocol.memory_per_class * self.n_seen
             new = {c: self.train_indices_of_class(c) for c in range(self.n_old, self.n_seen)}
@@ -461,6 +480,9 @@ class Trainer:
             "method": self.method.state_dict(),
             "acc_matrix": A[: t + 1].tolist(),
             "step_acc": list(step_acc),
+            **({"matrices": {m: v[: t + 1].tolist() for m, v in self._mats.items()},
+                "step_values": {m: list(v) for m, v in self._steps.items()}}
+               if self.problem.kind != "classification" else {}),
             "class_order": [self.protocol.classes[c] for c in self.class_order],
         }
         path = self._ckpt_path(t)
@@ -495,8 +517,11 @@ class Trainer:
     def fit(self, resume: bool = False) -> RunResult:
         """Train every task (or the remaining ones when ``resume`` finds a checkpoint); write results."""
         T = self.T
-        A = np.full((T, T), np.nan)
-        step_acc: list[float] = []
+        primary = self.problem.primary_metric
+        self._mats = {m: np.full((T, T), np.nan) for m in self.problem.metrics}
+        self._steps: dict[str, list[float]] = {m: [] for m in self.problem.metrics}
+        A = self._mats[primary]
+        step_acc: list[float] = self._steps[primary]
         start, resumed_from = 0, None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -507,7 +532,12 @@ class Trainer:
                 self._restore(state)
                 rows = np.asarray(state["acc_matrix"], dtype=float)
                 A[: rows.shape[0]] = rows
-                step_acc = [float(x) for x in state["step_acc"]]
+                step_acc[:] = [float(x) for x in state["step_acc"]]
+                for m, r in (state.get("matrices") or {}).items():
+                    r = np.asarray(r, dtype=float)
+                    self._mats[m][: r.shape[0]] = r
+                for m, v in (state.get("step_values") or {}).items():
+                    self._steps[m][:] = [float(x) for x in v]
                 start = resumed_from = self.task + 1
                 _truncate_log(log_path, self.task)
                 self.progress(f"resuming after task {self.task} from {self._ckpt_path(self.task)}")
@@ -518,12 +548,15 @@ class Trainer:
         try:
             for t in range(start, T):
                 info = self._train_task(t, log_file)
-                A[t], acc = self.evaluate()
-                step_acc.append(acc)
+                rows, steps = self.problem.evaluate()
+                for m in self.problem.metrics:
+                    self._mats[m][t] = rows[m]
+                    self._steps[m].append(steps[m])
+                acc = steps[primary]
                 if self.run_dir is not None:
                     self._save_checkpoint(t, A, step_acc)
                 self.progress(
-                    f"task {t + 1}/{T}: {self.n_seen} classes, step acc {acc:.3f}, "
+                    f"task {t + 1}/{T}: {self.n_seen} classes, step {'acc' if primary == 'accuracy' else primary} {acc:.3f}, "
                     f"loss {info['loss']:.4f}, {info['seconds']:.1f} s"
                 )
         finally:
@@ -537,10 +570,28 @@ class Trainer:
             out = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in metrics.items()}
             out["n_test"] = [int(x.size) for x in self.split_idx["test"]]
             out["train_seconds"] = round(seconds, 3)
+            if self.problem.kind != "classification":
+                self._write_metric_matrices(out)
             tmp = self.run_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(out, indent=2, allow_nan=False))
             tmp.replace(self.run_dir / "metrics.json")
-        return RunResult(A, step_acc, metrics, str(self.run_dir) if self.run_dir else None, resumed_from, seconds)
+        extra = {"matrices": dict(self._mats)} if self.problem.kind != "classification" else {}
+        return RunResult(A, step_acc, metrics, str(self.run_dir) if self.run_dir else None, resumed_from, seconds,
+                         extra)
+
+    def _write_metric_matrices(self, out: dict) -> None:
+        """``matrices/<metric>.csv`` of every metric, ``per_metric`` summaries and the overlays."""
+        d = self.run_dir / "matrices"
+        d.mkdir(exist_ok=True)
+        per = {}
+        for m, mat in self._mats.items():
+            write_acc_matrix(d / f"{m}.csv", mat)
+            summ = M.summarize(mat, self._steps[m])
+            per[m] = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summ.items()}
+            per[m]["step"] = [None if not np.isfinite(v) else v for v in self._steps[m]]
+        out["per_metric"] = per
+        out["primary_metric"] = self.problem.primary_metric
+        self.problem.finish(self.run_dir)
 
 
 def write_acc_matrix(path: Path, A: np.ndarray) -> None:

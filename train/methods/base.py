@@ -21,7 +21,9 @@ a current-task sample exactly when its label ``y >= n_old`` (``n_old`` =
 ``offsets[t]``).
 
 The hooks receive ``batch = {'idx': (B,) FeatureSet indices, 'x': {stream: (B, T, D)},
-'y': (B,) labels in output space}`` and ``out = {'feature': (B, D), 'logits': (B, n_seen)}``.
+'y': (B,) labels in output space}`` and ``out = {'feature': (B, D), 'logits': (B, n_seen)}``;
+for segmentation the batch also has ``masks`` (B, F, H, W) uint8, ``valid`` (B, F) bool and
+``task`` (B,), and ``out`` has ``mask_logits`` (B, F, K, H, W) (:mod:`train.problems`).
 ``loss`` returns named loss terms whose sum is minimised; each is logged per epoch.
 """
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Method:
     uses_teacher: ClassVar[bool] = False
     reinit_each_task: ClassVar[bool] = False
     default_head: ClassVar[str] = "guided"
+    default_seg_head: ClassVar[str] = "atlas"  # the head on segmentation protocols when none is given
 
     def __init__(self, hp: Any) -> None:
         self.hp = hp
@@ -116,7 +119,11 @@ class Method:
         """Called after the classifier has grown for ``task`` and before its first epoch."""
 
     def loss(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
-        """Named loss terms for one batch (their sum is minimised)."""
+        """Named loss terms for one batch (their sum is minimised); for segmentation the
+        problem's loss (:meth:`train.problems.SegmentationProblem.loss`)."""
+        tr = self.trainer
+        if tr is not None and tr.problem.kind != "classification":
+            return tr.problem.loss(batch, out)
         return {"ce": F.cross_entropy(out["logits"], batch["y"])}
 
     def after_backward(self) -> None:

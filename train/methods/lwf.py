@@ -12,6 +12,11 @@ task on, with ``n_old`` old classes and old-task boundaries ``b_k``:
 classes. The loss is computed each step from this method's own terms (the
 public AV-CIL baseline shadowed its loss function with a variable and crashed
 at step 0).
+
+Segmentation: the problem's loss (BCE + Dice, + class CE in CIL) plus ``lamb`` x
+the BCE of the new mask logits against the old model's mask probabilities on
+every frame of the batch (+ KD on the old classes' logits with a class head);
+:meth:`train.problems.SegmentationProblem.distill`.
 """
 from __future__ import annotations
 
@@ -34,6 +39,14 @@ class LwF(Method):
     uses_teacher = True
 
     def loss(self, batch, out):
+        problem = self.trainer.problem
+        if problem.kind == "segmentation":
+            # segmentation: the task loss plus distillation of the old model's masks (and old classes)
+            terms = problem.loss(batch, out)
+            old = self.teacher(batch)
+            if old is not None:
+                terms["kd"] = self.hp.lamb * problem.distill(batch, out, old)
+            return terms
         # only current-task samples here, so this is the CE over the new classes
         terms = {"ce": losses.task_separated_ce(out["logits"], batch["y"], self.n_old)}
         old = self.teacher(batch)

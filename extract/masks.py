@@ -1,0 +1,236 @@
+"""Ground-truth masks of segmentation datasets, aligned to the frames an encoder samples.
+
+For a manifest row of a segmentation dataset (:data:`SEG_DATASETS`) and the
+encoder's :class:`~extract.encoders.base.Preprocess`, :func:`read_masks` returns
+
+* ``masks`` uint8 (F, S, S): 1 on the sounding object's pixels of each of the F
+  sampled frames, 0 elsewhere (``F = preprocess.num_frames``, ``S = spec.size``);
+* ``valid`` uint8 (F,): 1 where that frame has a ground-truth mask.
+
+Frame ``k`` is the frame :mod:`extract.decode` samples at ``t_k`` (its
+:func:`~extract.decode.sample_times` and :func:`~extract.decode.frame_indices`
+are used here, so masks and features always describe the same picture):
+
+* ``synth``: ``masks/<id>.npz`` holds one mask per video frame, frame ``i`` shown
+  from ``i / fps`` (``fps`` from the row's render tag ``subset``); every sampled
+  frame has ground truth.
+* AVSBench S4 / MS3 (image folders): the frame images ``…_<k>.png`` (the row's
+  ``frames`` glob, natural name order, as decoded) and the masks ``…_<k>.png`` (the row's
+  ``masks`` glob) are paired by their trailing number ``k``. A sampled frame whose
+  number has no mask file has no ground truth: S4 train clips annotate only
+  ``_1``, so only the frame sampled from image 1 is valid.
+
+Resolution: masks are binarised (AVSBench PNGs: grey value > 127, as PIL's
+mode-``'1'`` conversion of 0/255 images in the official loaders; synth: nonzero)
+and resized nearest-neighbour to ``S x S`` (no crop, like the frames). The store
+default is :data:`DEFAULT_MASK_SIZE` (224, AVSBench's official loaders) for
+AVSBench and the render size for synth; ``avcl-extract -o mask_size=N`` declares
+another. The :class:`MaskSpec` is part of the store's key material.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extract.encoders.base import Preprocess
+
+#: Datasets whose stores carry ``masks`` / ``mask_valid`` arrays.
+SEG_DATASETS = ("avsbench-s4", "avsbench-ms3", "synth")
+DEFAULT_MASK_SIZE = 224
+MASK_FORMAT = "binary-nearest/1"
+_NUMBER = re.compile(r"(\d+)$")
+
+
+class MaskError(ValueError):
+    """A mask file that cannot be read or aligned; the message names the sample and file."""
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What a store's ``masks`` array holds: ``frames`` masks of ``size`` x ``size`` per row."""
+
+    size: int
+    frames: int
+    format: str = MASK_FORMAT
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaskSpec":
+        return cls(int(d["size"]), int(d["frames"]), str(d.get("format", MASK_FORMAT)))
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Extra store arrays: name -> (per-row shape, dtype)."""
+        return {"masks": ((self.frames, self.size, self.size), "uint8"), "mask_valid": ((self.frames,), "uint8")}
+
+
+def _resolve(root, p: str) -> Path:
+    return Path(p) if os.path.isabs(p) else Path(root) / p
+
+
+def _synth_fps(row: dict) -> float:
+    m = re.search(r"(?:^|,)fps=([0-9.eE+-]+)", str(row.get("subset") or ""))
+    if not m:
+        raise MaskError(f"sample {row.get('sample_id')!r}: its subset {row.get('subset')!r} does not give the "
+                        "render fps (a synth manifest row carries fps=… in its render tag)")
+    return float(m.group(1))
+
+
+def _load_npz(path: Path, sid: str) -> np.ndarray:
+    try:
+        with np.load(path) as z:
+            arr = np.asarray(z["masks"])
+    except FileNotFoundError:
+        raise MaskError(f"sample {sid!r}: mask file {path} not found") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable npz is reported the same way
+        raise MaskError(f"sample {sid!r}: mask file {path} cannot be read ({type(e).__name__}: {e})") from None
+    if arr.ndim != 3 or arr.shape[0] == 0:
+        raise MaskError(f"sample {sid!r}: {path} holds masks of shape {arr.shape}; expected (frames, H, W)")
+    return arr
+
+
+def default_mask_size(row: dict) -> int:
+    """The store default for a row's dataset: synth's render size (``size=`` of its render
+    tag), else :data:`DEFAULT_MASK_SIZE`."""
+    if row.get("dataset") == "synth":
+        m = re.search(r"(?:^|,)size=(\d+)", str(row.get("subset") or ""))
+        if m:
+            return int(m.group(1))
+    return DEFAULT_MASK_SIZE
+
+
+def mask_spec_for(manifest, preprocess: Preprocess, dataset: str | None = None,
+                  mask_size: int | None = None) -> MaskSpec | None:
+    """The masks a store of ``manifest`` x an encoder with ``preprocess`` carries, or None.
+
+    None when the dataset is not a segmentation dataset, the encoder samples no
+    frames, or the manifest rows give no ``masks``.
+    """
+    dataset = dataset or manifest.dataset
+    if dataset not in SEG_DATASETS or preprocess.num_frames <= 0 or len(manifest) == 0:
+        return None
+    first = next((r for r in manifest.rows if r.get("masks")), None)
+    if first is None:
+        return None
+    size = int(mask_size) if mask_size else default_mask_size(first)
+    if size < 1:
+        raise MaskError(f"mask_size must be >= 1, got {size}")
+    return MaskSpec(size=size, frames=preprocess.num_frames)
+
+
+def _resize_nearest(m: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of binary (H, W) to (size, size): source pixel floor((i + 0.5) * H / size)."""
+    h, w = m.shape
+    if (h, w) == (size, size):
+        return m
+    ri = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
+    ci = np.minimum(((np.arange(size) + 0.5) * w / size).astype(np.int64), w - 1)
+    return m[ri[:, None], ci[None, :]]
+
+
+def _numbered(paths: list[str]) -> dict[int, str]:
+    out = {}
+    for p in paths:
+        m = _NUMBER.search(Path(p).stem)
+        if m:
+            out.setdefault(int(m.group(1)), p)
+    return out
+
+
+def _read_png(path: str, sid: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return (np.asarray(im.convert("L")) > 127).astype(np.uint8)
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad image
+        raise MaskError(f"sample {sid!r}: mask {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _natural_key(path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def _image_folder_frames(row: dict, root) -> list[str]:
+    """Frame image paths in the order :mod:`extract.decode` reads them (natural name order)."""
+    from extract.decode import IMAGE_SUFFIXES
+
+    pattern = str(row.get("frames") or row.get("video"))
+    try:
+        from avcl_core.manifest import image_sequence  # the manifest's own definition, where it has one
+    except ImportError:
+        image_sequence = None
+    if image_sequence is not None:
+        return [str(f) for f in image_sequence(pattern, root)]
+    p = _resolve(root, pattern)
+    if any(c in pattern for c in "*?["):
+        files = [f for f in glob.glob(str(p)) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    elif p.is_dir():
+        files = [str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        files = []
+    return sorted(files, key=_natural_key)
+
+
+def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(masks uint8 (F, S, S), valid uint8 (F,)) of one manifest row; see the module docstring.
+
+    Raises :class:`MaskError` naming the sample and file when a mask cannot be read.
+    """
+    from extract.decode import IMAGE_FOLDER_FPS, frame_indices, sample_times
+
+    sid = row.get("sample_id")
+    F, S = spec.frames, spec.size
+    if F != preprocess.num_frames:
+        raise MaskError(f"mask spec has {F} frames but the encoder samples {preprocess.num_frames}")
+    start = float(row.get("start") or 0.0)
+    end = row.get("end")
+    limit_end = start + float(preprocess.clip_seconds)
+    if end is not None:
+        limit_end = min(limit_end, float(end))
+    times = sample_times(preprocess, start)
+    masks = np.zeros((F, S, S), dtype=np.uint8)
+    valid = np.zeros(F, dtype=np.uint8)
+    src = str(row.get("masks") or "")
+    if not src:
+        return masks, valid
+    if src.endswith(".npz"):
+        arr = _load_npz(_resolve(root, src), sid)
+        fps = _synth_fps(row)
+        starts = np.arange(arr.shape[0]) / fps
+        idx = frame_indices(times, starts, min(limit_end, arr.shape[0] / fps))
+        for k, i in enumerate(idx.tolist()):
+            masks[k] = _resize_nearest((arr[i] != 0).astype(np.uint8), S)
+        valid[:] = 1
+        return masks, valid
+    frames = _image_folder_frames(row, root)
+    if not frames:
+        raise MaskError(f"sample {sid!r}: no frame images for {row.get('frames') or row.get('video')!r} under {root}")
+    mask_files = _numbered(sorted(glob.glob(str(_resolve(root, src)))) if any(c in src for c in "*?[")
+                           else [str(_resolve(root, src))])
+    step = (float(end) - start) / len(frames) if end is not None and float(end) > start else 1.0 / IMAGE_FOLDER_FPS
+    starts = start + np.arange(len(frames)) * step
+    idx = frame_indices(times, starts, min(limit_end, start + len(frames) * step))
+    cache: dict[int, np.ndarray] = {}
+    for k, i in enumerate(idx.tolist()):
+        m = _NUMBER.search(Path(frames[i]).stem)
+        number = int(m.group(1)) if m else None
+        if number is None or number not in mask_files:
+            continue
+        if number not in cache:
+            cache[number] = _resize_nearest(_read_png(mask_files[number], sid), S)
+        masks[k] = cache[number]
+        valid[k] = 1
+    return masks, valid
+
+
+def spec_of_store(store) -> MaskSpec | None:
+    """The :class:`MaskSpec` recorded in a store's key material, or None."""
+    d = store.key_material.get("masks")
+    return MaskSpec.from_dict(d) if d else None
