@@ -438,6 +438,6 @@ def summary_table(results: Iterable[dict]) -> str:
 
 
 def _known(method: str) -> bool:
-    from train.methods import method_names
+    from train.methods import METHODS
 
-    return method in method_names()
+    return method in METHODS  # registered already (this process ran it); no plugin import for a label
