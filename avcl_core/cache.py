@@ -9,9 +9,15 @@ row order):
 - ``status`` (N,) uint8: 0 pending, 1 ok, > 1 an error code (:data:`STATUS_NAMES`);
 - ``valid_len`` (N,) float32: seconds of real content in the clip window
   (the rest is padding);
-- ``labels`` (N,) int32 manifest class id (first label of multi-source rows,
-  all of them in ``labels_multi`` (N, L) padded with -1);
 - ``sample_id`` (N,) str.
+
+Stores written by the extractor hold no labels: their rows are keyed by content
+(:func:`content_hash`), and labels, class names and splits come from a manifest at
+training time, by default ``<store>/manifest.jsonl`` (:meth:`FeatureStore.manifest`).
+Stores made with ``create_store(..., labels=True)`` (e.g. AV-CIL imports, whose key
+covers the whole manifest) also hold ``labels`` (N,) int32, the manifest class id
+(first label of multi-source rows, all of them in ``labels_multi`` (N, L) padded
+with -1), and the class list in ``attrs["classes"]``.
 
 Every array is sharded on the row axis with the same ``rows_per_shard``
 (shards of about 16–32 MB, smaller inner chunks, zstd + crc32c). The shard is
@@ -46,7 +52,12 @@ import zarr.codecs as zc
 
 from .manifest import Manifest, canonical_hash
 
-SCHEMA_VERSION = 1
+# 2: rows keyed by content (media, window, sample id; not labels or splits), no labels
+# array in extracted stores, the decoder identity in the key material.
+SCHEMA_VERSION = 2
+MANIFEST_FILE = "manifest.jsonl"
+#: The manifest fields the features of a row depend on (:func:`content_hash`).
+CONTENT_FIELDS = ("sample_id", "video", "start", "end", "frames", "masks", "audio")
 # The store directory also holds `_shards/` and `manifest.jsonl`, which zarr does not know.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 TARGET_SHARD_BYTES = 24 << 20
@@ -82,6 +93,23 @@ class StoreError(RuntimeError):
 def compute_key(material: Mapping) -> str:
     """sha256 of the canonical JSON of the schema version and the key material."""
     return canonical_hash({"schema": SCHEMA_VERSION, **material})
+
+
+def content_rows(manifest: Manifest) -> list[dict]:
+    """Each row of ``manifest`` reduced to :data:`CONTENT_FIELDS` (fields it lacks left out)."""
+    return [{k: r[k] for k in CONTENT_FIELDS if r.get(k) not in (None, "")} for r in manifest.rows]
+
+
+def content_hash(manifest: Manifest) -> str:
+    """sha256 of what a store's rows are computed from: per row in order, the sample id,
+    the media paths relative to the dataset root (``video``, ``frames``, ``masks``,
+    ``audio``) and the window (``start``/``end``).
+
+    Labels, class names, splits and ``subset`` are left out, so relabelling a manifest
+    or moving clips between splits keeps the store; so is the dataset root, so a
+    dataset moved to another disk keeps it too.
+    """
+    return canonical_hash(content_rows(manifest))
 
 
 def store_path(root: str | os.PathLike, dataset: str, encoder: str, key: str) -> str:
@@ -249,7 +277,35 @@ class FeatureStore:
         return [str(x) for x in self.read("sample_id")]
 
     def labels(self) -> np.ndarray:
-        return self.read("labels")
+        """Class id of each row: the ``labels`` array when the store has one, else the
+        first label of each row of the store's manifest (:meth:`manifest`)."""
+        if "labels" in self.group:
+            return self.read("labels")
+        manifest = self.manifest()
+        if manifest is None:
+            raise StoreError(f"{self.path}: no labels array and no {MANIFEST_FILE}; "
+                             "labels come from the manifest the store was extracted with")
+        return first_labels(manifest)
+
+    def manifest(self) -> Manifest | None:
+        """The manifest saved in the store (``<store>/manifest.jsonl``: sample ids in row
+        order, labels and splits of the latest extraction run on the store), or None."""
+        from .manifest import ManifestError
+
+        path = f"{self._root.rstrip('/')}/{MANIFEST_FILE}"
+        try:
+            with self._fs.open(path, "r", encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{self.path}/{MANIFEST_FILE}:{lineno}: not valid JSON ({e.msg})") from None
+        return Manifest(rows, source=f"{self.path}/{MANIFEST_FILE}")
 
     def row_status(self) -> np.ndarray:
         return self.read("status")
@@ -449,8 +505,12 @@ def create_store(
     streams: Mapping[str, tuple[int, ...]],
     dtype: str = "float16",
     rows_per_shard: int | None = None,
+    labels: bool = True,
 ) -> FeatureStore:
     """Create a building store at ``path``, or reopen it to resume when its key matches.
+
+    ``labels``: also store the manifest's labels (``labels``, ``labels_multi``) and
+    class list (``attrs["classes"]``); only for stores whose key covers them.
 
     Creation is atomic: the group is built in a temporary sibling directory and
     renamed into place, so two extractors starting at once end up sharing one store.
@@ -482,17 +542,8 @@ def create_store(
     for name, dt in (("status", "uint8"), ("valid_len", "float32")):
         group.create_array(name, shape=(n,), dtype=dt, chunks=(per_shard,), shards=(per_shard,),
                            compressors=compressors, fill_value=0)
-    labels = [r["label"] for r in manifest]
-    first = np.array([lab[0] if isinstance(lab, list) else lab for lab in labels], dtype=np.int32)
-    group.create_array("labels", shape=(n,), dtype="int32", chunks=(n,), compressors=compressors)[:] = first
-    if any(isinstance(lab, list) for lab in labels):
-        width = max(len(lab) if isinstance(lab, list) else 1 for lab in labels)
-        multi = np.full((n, width), -1, dtype=np.int32)
-        for j, lab in enumerate(labels):
-            lab = lab if isinstance(lab, list) else [lab]
-            multi[j, : len(lab)] = lab
-        group.create_array("labels_multi", shape=multi.shape, dtype="int32", chunks=multi.shape,
-                           compressors=compressors)[:] = multi
+    if labels:
+        _write_labels(group, manifest, compressors)
     ids = group.create_array("sample_id", shape=(n,), dtype=str, chunks=(n,))
     ids[:] = np.array(manifest.sample_ids, dtype=object)
     group.attrs.update(
@@ -502,7 +553,7 @@ def create_store(
             "key_material": dict(key_material),
             "status": "building",
             "dataset": manifest.dataset,
-            "classes": manifest.classes(),
+            **({"classes": manifest.classes()} if labels else {}),
             "n_rows": n,
             "rows_per_shard": per_shard,
             "rows_per_chunk": per_chunk,
@@ -521,6 +572,27 @@ def create_store(
 
         shutil.rmtree(tmp, ignore_errors=True)
     return _reopen_for_writing(path, key)
+
+
+def first_labels(manifest: Manifest) -> np.ndarray:
+    """int64 (N,): each row's class id (the first one of a multi-source row)."""
+    return np.array([r["label"][0] if isinstance(r["label"], list) else r["label"] for r in manifest.rows],
+                    dtype=np.int64)
+
+
+def _write_labels(group: zarr.Group, manifest: Manifest, compressors) -> None:
+    n = len(manifest)
+    labels = [r["label"] for r in manifest]
+    group.create_array("labels", shape=(n,), dtype="int32", chunks=(n,),
+                       compressors=compressors)[:] = first_labels(manifest).astype(np.int32)
+    if any(isinstance(lab, list) for lab in labels):
+        width = max(len(lab) if isinstance(lab, list) else 1 for lab in labels)
+        multi = np.full((n, width), -1, dtype=np.int32)
+        for j, lab in enumerate(labels):
+            lab = lab if isinstance(lab, list) else [lab]
+            multi[j, : len(lab)] = lab
+        group.create_array("labels_multi", shape=multi.shape, dtype="int32", chunks=multi.shape,
+                           compressors=compressors)[:] = multi
 
 
 def _reopen_for_writing(path: str, key: str) -> FeatureStore:
@@ -618,7 +690,7 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
                 bad.append((i, f"{name}: shape {data.shape} != {want_shape}"))
             elif marker.get("sha256", {}).get(name) not in (None, _array_digest(data)):
                 bad.append((i, f"{name}: sha256 differs from the done-marker"))
-    for name in ("labels", "sample_id") + (("labels_multi",) if "labels_multi" in store.group else ()):
+    for name in [a for a in ("labels", "labels_multi", "sample_id") if a in store.group]:
         try:
             store.group[name][...]
         except Exception as e:  # noqa: BLE001

@@ -336,3 +336,13 @@ def row_paths(row: dict, root: str | os.PathLike) -> dict:
 def decode_row(row: dict, root: str | os.PathLike, preprocess: Preprocess) -> DecodedClip:
     """:func:`decode_clip` for a manifest row (paths relative to ``root``; ``start``/``end`` from the row)."""
     return decode_clip(preprocess=preprocess, start=row.get("start"), end=row.get("end"), **row_paths(row, root))
+
+
+def decoder_identity() -> dict:
+    """What decoded the clips, for the cache key: library versions and the audio rules
+    (decord's audio reader mixes channels to mono and resamples with FFmpeg)."""
+    import decord
+    import PIL
+
+    return {"frames": f"decord {decord.__version__}", "images": f"pillow {PIL.__version__}",
+            "audio": f"decord {decord.__version__}", "downmix": "decord-mono", "resampler": "ffmpeg (decord)"}

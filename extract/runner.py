@@ -1,8 +1,13 @@
 """The extraction runner: manifest rows → decoded clips → frozen encoder → feature store shards.
 
 One store per (dataset, encoder configuration), at
-``store_path(cache_dir, dataset, encoder.name, key)`` with
-``key = compute_key(encoder.key_material() + {"manifest": manifest.hash(), "dataset": dataset})``.
+``store_path(cache_dir, dataset, encoder.name, key)`` with ``key = compute_key(key_material(...))``:
+the encoder's key material (name, variant, weights hash, preprocessing, layers,
+compute precision) + the decoder's identity + the numerics settings of the device
+(TF32 on CUDA) + the content hash of the manifest (sample ids, media paths, windows;
+:func:`avcl_core.cache.content_hash`). Labels, class names and splits are not in the
+key: rerunning with a relabelled manifest reuses the store and only replaces its
+``manifest.jsonl``, which is where training reads labels and splits.
 
 Work is done shard by shard (the store's unit of work and of writing):
 
@@ -47,10 +52,10 @@ import torch
 import zarr
 
 from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, STATUS_UNREADABLE, FeatureStore,
-                             ShardFailure, StoreError, _pid_alive, compute_key, create_store, open_store, store_path,
-                             verify_store)
+                             ShardFailure, StoreError, _pid_alive, compute_key, content_hash, create_store, open_store,
+                             store_path, verify_store)
 from avcl_core.manifest import Manifest
-from extract.decode import DecodedClip, decode_row, quiet_decoder_logs
+from extract.decode import DecodedClip, decode_row, decoder_identity, quiet_decoder_logs
 from extract.encoders.base import FeatureEncoder
 
 log = logging.getLogger("avcl.extract")
@@ -92,6 +97,7 @@ class Summary:
     waiting: list[int] = field(default_factory=list)
     task_errors: list[str] = field(default_factory=list)
     note: str = ""
+    relabelled: bool = False
 
     @property
     def clips(self) -> int:
@@ -114,8 +120,10 @@ class Summary:
         self.shards_written.append(result.shard)
 
     def format(self) -> str:
+        relabel = (f"\nlabels/splits: the store's {STORE_MANIFEST} now holds this run's manifest "
+                   "(labels, class names or splits changed; the features depend on neither)" if self.relabelled else "")
         if self.already_complete:
-            return f"already complete: {self.store} (key {self.key[:12]}…); nothing to do"
+            return f"already complete: {self.store} (key {self.key[:12]}…); features reused" + relabel
         codes = ", ".join(f"{STATUS_NAMES.get(c, c)} {n}" for c, n in sorted(self.failed.items()))
         lines = [
             f"store   {self.store}",
@@ -135,7 +143,7 @@ class Summary:
             lines.append(f"  task error: {err}")
         if self.note:
             lines.append(self.note)
-        return "\n".join(lines)
+        return "\n".join(lines) + relabel
 
 
 def _ranges(ix: Iterable[int]) -> str:
@@ -144,9 +152,30 @@ def _ranges(ix: Iterable[int]) -> str:
 
 
 # -- store helpers -------------------------------------------------------------
-def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str) -> dict:
-    """The store's key material: the encoder's, plus the manifest hash and dataset name."""
-    return {**encoder.key_material(), "manifest": manifest.hash(), "dataset": dataset}
+def device_numerics(device: torch.device) -> dict:
+    """Settings of this process that change float32 results on ``device``: on CUDA whether
+    matmuls and convolutions run in TF32 (torch's switches, as they are when the run
+    starts); nothing on CPU, whose float32 kernels have no such switch."""
+    if device.type != "cuda":
+        return {}
+    return {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str | None = None) -> dict:
+    """The store's key material: what the features depend on and nothing else.
+
+    The encoder's own material, ``decoder`` (:func:`extract.decode.decoder_identity`),
+    ``numerics`` (:func:`device_numerics` of the encoder's device, when not empty) and
+    ``content`` (:func:`avcl_core.cache.content_hash`: sample ids, media paths relative
+    to the root, windows). ``dataset`` names the store's folder and is not part of it.
+    """
+    material = {**encoder.key_material(), "decoder": decoder_identity(), "content": content_hash(manifest)}
+    numerics = device_numerics(encoder_device(encoder))
+    if numerics:
+        material["numerics"] = numerics
+    return material
 
 
 def open_writable(path: str, key: str | None = None) -> FeatureStore:
@@ -163,13 +192,26 @@ def open_writable(path: str, key: str | None = None) -> FeatureStore:
     return FeatureStore(str(path), group, writable=True)
 
 
-def _save_manifest_copy(store: FeatureStore, manifest: Manifest) -> None:
+def save_manifest(store: FeatureStore, manifest: Manifest) -> bool:
+    """Make ``manifest`` the store's ``manifest.jsonl`` (atomic replace); True when this
+    changed the labels, class names or splits recorded there before.
+
+    The caller guarantees that ``manifest`` has the store's content (same key), so
+    only what the key leaves out can differ; the features are not touched.
+    """
     target = Path(store.path) / STORE_MANIFEST
+    before = None
     if target.exists():
-        return
+        try:
+            before = Manifest.load(target).rows
+        except ValueError:  # damaged: replaced below
+            before = []
+        if before == manifest.rows:
+            return False
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     manifest.save(tmp)
     os.replace(tmp, target)
+    return before is not None
 
 
 def prepare_store(
@@ -183,20 +225,24 @@ def prepare_store(
 ) -> FeatureStore:
     """Create (or reopen to resume) the store for ``manifest`` x ``encoder`` under ``cache_dir``.
 
-    Saves the manifest as ``<store>/manifest.jsonl`` and records ``info`` under
+    Saves the manifest as ``<store>/manifest.jsonl`` (:func:`save_manifest`; a
+    relabelled manifest replaces the one there) and records ``info`` under
     ``attrs["extract"]`` when the store does not have them yet.
     """
+    return _prepare(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info)[0]
+
+
+def _prepare(manifest, encoder, cache_dir, *, dataset, rows_per_shard, info) -> tuple[FeatureStore, bool]:
     dataset = dataset or manifest.dataset
     material = key_material(encoder, manifest, dataset)
     key = compute_key(material)
     path = store_path(cache_dir, dataset, encoder.name, key)
     store = create_store(path, key_material=material, manifest=manifest, streams=encoder.streams(),
-                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard)
-    if store.status != "complete":
-        _save_manifest_copy(store, manifest)
-        if "extract" not in store.attrs:
-            store.update_attrs({"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
-    return store
+                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard, labels=False)
+    relabelled = save_manifest(store, manifest)
+    if store.status != "complete" and "extract" not in store.attrs:
+        store.update_attrs({"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
+    return store, relabelled
 
 
 # -- decoding pool -------------------------------------------------------------
@@ -539,9 +585,12 @@ def extract(
     t0 = time.perf_counter()
     dataset = dataset or manifest.dataset
     info = dict(info or {"dataset": dataset, "root": str(Path(root).resolve()), "encoder": encoder.name})
-    store = prepare_store(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info)
-    return _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
-                progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
+    store, relabelled = _prepare(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard,
+                                 info=info)
+    summary = _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                   progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
+    summary.relabelled = relabelled
+    return summary
 
 
 def _run(store, manifest, root, encoder, *, batch_size, workers, scheduler, progress, threads, encoder_factory, t0,
@@ -661,13 +710,13 @@ def repair(
     if not manifest_file.exists():
         raise StoreError(f"{path}: no {STORE_MANIFEST} in the store; cannot tell which clips its rows are")
     manifest = Manifest.load(manifest_file)
-    if manifest.hash() != ro.key_material.get("manifest"):
-        raise StoreError(f"{manifest_file}: manifest hash differs from the store's key material")
+    if content_hash(manifest) != ro.key_material.get("content"):
+        raise StoreError(f"{manifest_file}: its media and windows differ from the store's key material")
     root = root if root is not None else info.get("root")
     if not root:
         raise StoreError(f"{path}: the store does not record the dataset root; pass root")
     encoder = encoder_from_info(info, device)
-    material = key_material(encoder, manifest, ro.key_material.get("dataset", ro.dataset))
+    material = key_material(encoder, manifest)
     if compute_key(material) != ro.key:
         diff = sorted(k for k in set(material) | set(ro.key_material) if material.get(k) != ro.key_material.get(k))
         raise StoreError(f"{path}: the encoder rebuilt from the recorded options gives another key "

@@ -212,7 +212,8 @@ def test_cli_signal_store_contract_and_rerun(avcl_synth_root, tmp_path):
     assert st.read("valid_len").tolist() == [1.0] * 12 and st.row_status().tolist() == [1] * 12
     manifest = Manifest.load(avcl_synth_root / "manifest.jsonl")
     assert st.sample_ids == manifest.sample_ids and list(st.labels()) == [r["label"] for r in manifest]
-    assert st.key_material["manifest"] == manifest.hash() and st.key_material["dataset"] == "synth"
+    assert st.key_material["content"] == C.content_hash(manifest) and st.dataset == "synth"
+    assert "labels" not in st.group and "classes" not in st.attrs  # labels come from the manifest
     rec = st.attrs["extract"]
     assert rec["dataset"] == "synth" and rec["root"] == str(avcl_synth_root.resolve())
     assert rec["encoder"] == "signal" and rec["encoder_options"] == with_device("signal", SIGNAL_OPTS, "cpu")
