@@ -34,6 +34,7 @@ that is incomplete or whose key differs from the one asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,6 +75,11 @@ STATUS_NO_AUDIO = 4
 STATUS_NO_VIDEO = 5
 STATUS_EMPTY = 6
 STATUS_ENCODE_ERROR = 7
+#: Failures that retrying may fix (an encoder that ran out of device memory once): a shard
+#: with such rows is not final until it has been tried :data:`MAX_ATTEMPTS` times.
+#: Missing, unreadable, track-less or empty media fail the same way every time.
+RETRYABLE_CODES = frozenset({STATUS_ENCODE_ERROR})
+MAX_ATTEMPTS = 3
 STATUS_NAMES = {
     STATUS_PENDING: "pending",
     STATUS_OK: "ok",
@@ -191,6 +197,16 @@ def _move_dead_claim(path: Path, dead: dict) -> None:
             now = {}
         if now == dead:
             path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
+
+
+def _write_json_atomic(target: Path, obj) -> None:
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, sort_keys=True))
+        tmp.replace(target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 @dataclass(frozen=True)
@@ -348,6 +364,42 @@ class FeatureStore:
         done = self.done_shards()
         return [i for i in range(self.n_shards) if i not in done]
 
+    def attempts(self, i: int) -> int:
+        """How many times shard ``i`` was tried and deferred (its retry marker), 0 if never."""
+        try:
+            with self._fs.open(self._marker(i, "retry.json"), "r") as f:
+                return int(json.load(f).get("attempts", 0))
+        except FileNotFoundError:
+            return 0
+        except ValueError:  # a damaged retry marker counts as one attempt
+            return 1
+
+    def defer_shard(self, i: int, failures: Iterable[ShardFailure], attempts: int | None = None,
+                    release: bool = True) -> dict:
+        """Leave shard ``i`` pending for a retry: write its retry marker (``attempts``, default
+        one more than before; the failures) and release this writer's claim. No row is written."""
+        self._require_writable()
+        n = self.attempts(i) + 1 if attempts is None else int(attempts)
+        marker = {"shard": i, "attempts": n, "host": socket.gethostname(), "pid": os.getpid(),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "failed": [{"sample_id": f.sample_id, "code": f.code, "reason": f.reason} for f in failures]}
+        _write_json_atomic(Path(self._marker(i, "retry.json")), marker)
+        if release:
+            self.release(i)
+        return marker
+
+    def retryable_shards(self) -> list[int]:
+        """Done shards whose done-marker lists rows failed for a reason retrying may fix."""
+        out = []
+        for i in sorted(self.done_shards()):
+            try:
+                marker = self.done_marker(i) or {}
+            except ValueError:  # a damaged marker is verify_store's to report
+                continue
+            if any(f.get("code") in RETRYABLE_CODES for f in marker.get("failed", [])):
+                out.append(i)
+        return out
+
     # -- writing ----------------------------------------------------------------
     def _require_writable(self) -> None:
         if not self.writable:
@@ -440,6 +492,7 @@ class FeatureStore:
         digests["valid_len"] = _array_digest(valid_len)
         marker = {
             "shard": i,
+            "attempts": self.attempts(i) + 1,
             "rows": [rows.start, rows.stop],
             "ok": int((status == STATUS_OK).sum()),
             "failed": [{"sample_id": f.sample_id, "code": f.code, "reason": f.reason} for f in failures],
@@ -448,10 +501,9 @@ class FeatureStore:
             "pid": os.getpid(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        target = Path(self._marker(i, "done.json"))
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(marker, sort_keys=True))
-        tmp.replace(target)
+        _write_json_atomic(Path(self._marker(i, "done.json")), marker)
+        with contextlib.suppress(FileNotFoundError):
+            Path(self._marker(i, "retry.json")).unlink()
         self.release(i)
         return marker
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cache import STATUS_OK, FeatureStore, StoreError, find_stores, open_store
+from .cache import RETRYABLE_CODES, STATUS_OK, FeatureStore, StoreError, find_stores, open_store
 from .manifest import ManifestError
 from .paths import default_cache_root
 from .verify import check_store, corrupt_shards, plan_repair, run_repair
@@ -212,8 +212,9 @@ def info_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
 def verify_cmd(store: str, repair: bool, storage_options: str | None) -> None:
     """Re-read every chunk of STORE and check checksums, shapes and its key; exit 1 on any problem.
 
-    Each corrupt shard is named with the array at fault. With --repair, the
-    corrupt shards are re-extracted from the videos by
+    Each corrupt shard is named with the array at fault. Rows the encoder failed
+    on (a transient error such as running out of device memory) are counted. With
+    --repair, the corrupt shards and those rows' shards are re-extracted from the videos by
     `avcl-extract --repair STORE --shards i,j` (settings from the store's
     attributes), then the store is checked again.
 
@@ -224,11 +225,16 @@ def verify_cmd(store: str, repair: bool, storage_options: str | None) -> None:
     """
     st = _open(store, storage_options, allow_incomplete=True)
     problems = _report(st)
-    if not problems:
+    retry = st.retryable_shards()
+    if retry:
+        n = sum(1 for i in retry for f in st.done_marker(i).get("failed", []) if f.get("code") in RETRYABLE_CODES)
+        click.echo(f"{n} rows in shards {','.join(map(str, retry))} failed to encode (e.g. out of device memory); "
+                   + ("--repair retries them" if not repair else "retrying them"))
+    if not problems and not (repair and retry):
         return
     if not repair:
         sys.exit(1)
-    shards = corrupt_shards(problems)
+    shards = sorted(set(corrupt_shards(problems)) | set(retry))
     try:
         plan = plan_repair(st, shards)
         click.echo(f"re-extracting shards {','.join(map(str, shards))}: {' '.join(plan.command)}")

@@ -218,8 +218,15 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
                               encoder_factory=functools.partial(build_encoder, encoder, **opts))
     except (StoreError, ManifestError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. the cache disk is full before the first shard
+        raise click.ClickException(f"{cache_dir or default_cache_root()}: {e}; run the same command again once "
+                                   "fixed (finished shards are kept)") from None
     click.echo(summary.format())
     if summary.task_errors:
+        sys.exit(1)
+    if summary.all_failed:
+        click.echo(f"avcl-extract: error: every one of the {summary.clips} rows failed; the store has no usable row "
+                   "(see the reasons above)", err=True)
         sys.exit(1)
     return summary
 

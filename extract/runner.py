@@ -51,9 +51,9 @@ import numpy as np
 import torch
 import zarr
 
-from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, STATUS_UNREADABLE, FeatureStore,
-                             ShardFailure, StoreError, _pid_alive, compute_key, content_hash, create_store, open_store,
-                             store_path, verify_store)
+from avcl_core.cache import (MAX_ATTEMPTS, RETRYABLE_CODES, STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK,
+                             STATUS_UNREADABLE, FeatureStore, ShardFailure, StoreError, _pid_alive, compute_key,
+                             content_hash, create_store, open_store, store_path, verify_store)
 from avcl_core.manifest import Manifest
 from extract.decode import DecodedClip, decode_row, decoder_identity, quiet_decoder_logs
 from extract.encoders.base import FeatureEncoder
@@ -62,6 +62,29 @@ log = logging.getLogger("avcl.extract")
 
 STORE_MANIFEST = "manifest.jsonl"
 MAX_EXAMPLES = 5
+#: A run whose failed rows exceed this fraction of the rows it wrote says so loudly.
+LOUD_FAILURE_FRACTION = 0.01
+
+
+class StoreWriteError(StoreError):
+    """Writing to the store failed (disk full, I/O error); finished shards are kept."""
+
+
+def write_error(store: FeatureStore, what: str, err: OSError) -> StoreWriteError:
+    """A :class:`StoreWriteError` naming the store, what failed, the OS error and the free space."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(store.path).free
+        space = f"{free / 2**30:.2f} GiB ({free} bytes) free on its filesystem"
+    except OSError:
+        space = "free space unknown"
+    name = errno.errorcode.get(err.errno, "") if err.errno else ""
+    cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "an I/O error"
+    return StoreWriteError(
+        f"{store.path}: {what} failed: {cause} ({name + ': ' if name else ''}{err.strerror or err}); {space}. "
+        "Shards already written are kept: free space (or fix the disk) and run the same command again")
 
 
 # -- results -------------------------------------------------------------------
@@ -75,6 +98,7 @@ class ShardResult:
     failures: list[ShardFailure]
     seconds: float
     pid: int = field(default_factory=os.getpid)
+    deferred: bool = False  # rows failed for a reason retrying may fix: nothing written, the shard stays pending
 
 
 @dataclass
@@ -98,6 +122,8 @@ class Summary:
     task_errors: list[str] = field(default_factory=list)
     note: str = ""
     relabelled: bool = False
+    deferred: list[int] = field(default_factory=list)
+    deferred_rows: int = 0
 
     @property
     def clips(self) -> int:
@@ -111,7 +137,23 @@ class Summary:
     def clips_per_s(self) -> float:
         return self.clips / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def failed_fraction(self) -> float:
+        return self.n_failed / self.clips if self.clips else 0.0
+
+    @property
+    def all_failed(self) -> bool:
+        """Rows were processed and not one of them is ok (nor waits for a retry)."""
+        return self.clips > 0 and self.ok == 0 and not self.deferred
+
     def add(self, result: ShardResult) -> None:
+        if result.deferred:
+            self.deferred.append(result.shard)
+            self.deferred_rows += result.rows
+            for f in result.failures:
+                if f.code in RETRYABLE_CODES and len(self.examples) < MAX_EXAMPLES:
+                    self.examples.append(f)
+            return
         self.ok += result.ok
         for f in result.failures:
             self.failed[f.code] = self.failed.get(f.code, 0) + 1
@@ -137,8 +179,19 @@ class Summary:
             f"speed   {self.clips_per_s:.2f} clips/s ({self.clips} clips, {len(self.shards_written)} shards "
             f"in {self.seconds:.1f} s)",
         ]
+        if self.deferred:
+            lines.append(f"retry   {self.deferred_rows} rows ({len(self.deferred)} shards: {_ranges(self.deferred)}) "
+                         "had rows the encoder failed on (e.g. out of device memory); they were not written and "
+                         "are retried by the next run of the same command")
+        loud = self.failed_fraction > LOUD_FAILURE_FRACTION
+        if loud:
+            lines.insert(0, f"WARNING: {self.n_failed} of {self.clips} rows failed ({100 * self.failed_fraction:.1f} %): "
+                            f"{codes}" + ("; NO row is usable" if self.all_failed else ""))
         for f in self.examples:
             lines.append(f"  e.g. {f.sample_id} [{STATUS_NAMES.get(f.code, f.code)}]: {f.reason}")
+        if loud:
+            lines.append(f"WARNING: {self.n_failed} of {self.clips} rows failed; every failed row and its reason: "
+                         f"avcl-cache info {self.store}")
         for err in self.task_errors:
             lines.append(f"  task error: {err}")
         if self.note:
@@ -425,14 +478,30 @@ def clear_shard(store: FeatureStore, i: int) -> None:
 
 
 def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> ShardResult:
+    """Encode what is left of the shard and write it, or defer it for a retry.
+
+    A shard with rows the encoder failed on (:data:`~avcl_core.cache.RETRYABLE_CODES`)
+    is written only once it has been tried :data:`~avcl_core.cache.MAX_ATTEMPTS` times;
+    before that nothing is written and its retry marker keeps it pending.
+    """
     _flush_batch(buf, encoder, device)
     ok = int((buf.status == STATUS_OK).sum())
     if buf.decoded_ok and not ok:
         first = next(f.reason for f in buf.failures if f.code == STATUS_ENCODE_ERROR)
         raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
                            f"({buf.decoded_ok} clips); first error: {first}")
-    clear_shard(store, buf.shard)
-    store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures)
+    retry = [f for f in buf.failures if f.code in RETRYABLE_CODES]
+    try:
+        if retry and store.attempts(buf.shard) + 1 < MAX_ATTEMPTS:
+            marker = store.defer_shard(buf.shard, buf.failures)
+            log.warning("shard %d: %d rows failed to encode (attempt %d of %d; e.g. %s: %s); left for a retry",
+                        buf.shard, len(retry), marker["attempts"], MAX_ATTEMPTS, retry[0].sample_id, retry[0].reason)
+            return ShardResult(buf.shard, len(buf.status), 0, list(buf.failures), time.perf_counter() - buf.start,
+                               deferred=True)
+        clear_shard(store, buf.shard)
+        store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures)
+    except OSError as e:
+        raise write_error(store, f"writing shard {buf.shard}", e) from e
     seconds = time.perf_counter() - buf.start
     log.info("shard %d written by pid %d: %d ok, %d failed (%.1f s)", buf.shard, os.getpid(), ok,
              len(buf.failures), seconds)
@@ -461,6 +530,7 @@ def run_shards(
     pp = encoder.preprocess
     allowed = None if shards is None else set(int(i) for i in shards)
     held: set[int] = set()
+    tried: set[int] = set()  # finished or deferred by this call: a deferred shard waits for the next run
     results: list[ShardResult] = []
     window = max(2 * batch_size, 4 * workers, 1)
     decoders = _Decoders(workers, root, pp)
@@ -469,7 +539,7 @@ def run_shards(
         while True:
             took = False
             for i in store.pending_shards():
-                if i in held or (allowed is not None and i not in allowed):
+                if i in held or i in tried or (allowed is not None and i not in allowed):
                     continue
                 if store.claim(i):
                     held.add(i)
@@ -500,6 +570,7 @@ def run_shards(
                 if buf is not None:
                     results.append(_finish_shard(store, buf, encoder, device))
                     held.discard(buf.shard)
+                    tried.add(buf.shard)
                 buf = _ShardBuffer(store, i)
             j = r - buf.rows.start
             sid = rows[r]["sample_id"]
@@ -515,6 +586,7 @@ def run_shards(
         if buf is not None:
             results.append(_finish_shard(store, buf, encoder, device))
             held.discard(buf.shard)
+            tried.add(buf.shard)
     finally:
         decoders.close()
         for i in held:  # a failure mid-shard: let another writer (or a rerun) take it
@@ -640,6 +712,8 @@ def reopen_for_repair(path: str, shards: Sequence[int]) -> FeatureStore:
         raise StoreError(f"{path}: shards {bad} out of range 0..{store.n_shards - 1}")
     store.update_attrs({"status": "building"})
     for i in shards:
+        # a repair is one explicit retry: rows that fail to encode again are final (not deferred)
+        store.defer_shard(i, [], attempts=MAX_ATTEMPTS - 1, release=False)
         with contextlib.suppress(FileNotFoundError):
             Path(store._marker(i, "done.json")).unlink()
     return store
@@ -687,7 +761,8 @@ def repair(
     threads: int | None = None,
 ) -> Summary:
     """Re-extract ``shards`` of the store at ``path`` (default: the shards :func:`verify_store`
-    finds corrupt) with the encoder, manifest and root recorded in the store, then finalize.
+    finds corrupt and those with rows the encoder failed on) with the encoder, manifest and
+    root recorded in the store, then finalize.
 
     The rebuilt encoder must give the store's key (same weights file, options and
     device precision), else nothing is touched.
@@ -699,12 +774,12 @@ def repair(
         bad = verify_store(ro)
         if any(i < 0 for i, _ in bad):
             raise StoreError(f"{path}: {[r for i, r in bad if i < 0]}: row metadata is corrupt; re-extract the store")
-        shards = sorted({i for i, _ in bad})
+        shards = sorted({i for i, _ in bad} | set(ro.retryable_shards()))
     shards = sorted(set(int(i) for i in shards))
     summary = Summary(store=ro.path, key=ro.key, n_rows=ro.n_rows, n_shards=ro.n_shards)
     if not shards:
         summary.complete = ro.status == "complete"
-        summary.note = "nothing to repair: every shard verifies"
+        summary.note = "nothing to repair: every shard verifies and no row failed to encode"
         return summary
     manifest_file = Path(path) / STORE_MANIFEST
     if not manifest_file.exists():

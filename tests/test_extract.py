@@ -104,6 +104,8 @@ def test_extract_writes_values_statuses_and_reports_failures(avcl_media_dir, tmp
     for sid in ("noaudio", "truncated", "zero", "missing", "text"):
         assert re.search(rf"e\.g\. {sid} \[", text), text
     assert "no-audio-track 1" in text and "unreadable 2" in text and s.store in text and s.key in text
+    assert text.startswith("WARNING: 5 of 8 rows failed (62.5 %): missing-file 1, unreadable 2, no-audio-track 1, "
+                           "zero-length 1\n") and not s.all_failed
     # batches of 2 inside each shard: shard 0 = ok, ok2, short -> (2, 1); the others have no decodable clip
     assert enc.calls == [2, 1]
 
@@ -134,18 +136,109 @@ def test_extract_writes_values_statuses_and_reports_failures(avcl_media_dir, tmp
     assert enc.calls == [2, 1]  # nothing encoded
 
 
-def test_encoder_errors_are_isolated_per_clip(avcl_media_dir, tmp_path):
-    class Picky(TinyEncoder):
-        def encode(self, frames, audio):
-            if (frames.float().mean(dim=(1, 2, 3, 4)) > 85).any():  # ok.mp4 (mean grey 100), not short.mp4 (70)
-                raise RuntimeError("synthetic encoder failure")
-            return super().encode(frames, audio)
+class Picky(TinyEncoder):
+    """Fails on any batch holding ok.mp4 (mean grey 100; short.mp4 is 70), ``fails`` times (None: always)."""
 
+    def __init__(self, fails=None):
+        super().__init__()
+        self.fails = fails
+
+    def encode(self, frames, audio):
+        if (frames.float().mean(dim=(1, 2, 3, 4)) > 85).any() and (self.fails is None or self.fails > 0):
+            if self.fails is not None:
+                self.fails -= 1
+            raise RuntimeError("CUDA out of memory (synthetic)")
+        return super().encode(frames, audio)
+
+
+def test_encoder_errors_are_isolated_per_clip_and_final_after_the_last_attempt(avcl_media_dir, tmp_path):
     m = _rows(["ok.mp4", "short.mp4"], avcl_media_dir)
+    for attempt in range(1, C.MAX_ATTEMPTS):
+        s = extract(m, avcl_media_dir, Picky(), tmp_path, batch_size=2, workers=0, progress=False)
+        # the batch fails, then clip by clip: ok.mp4 fails alone; the shard waits for a retry, nothing is written
+        assert not s.complete and s.deferred == [0] and s.ok == 0 and s.failed == {}
+        assert "retry   2 rows" in s.format() and "CUDA out of memory" in s.format()
+        assert C.open_store(s.store, allow_incomplete=True).attempts(0) == attempt
     s = extract(m, avcl_media_dir, Picky(), tmp_path, batch_size=2, workers=0, progress=False)
-    # the batch fails, then clip by clip: ok.mp4 fails alone, short.mp4 is encoded
-    assert s.ok == 1 and s.failed == {C.STATUS_ENCODE_ERROR: 1}
-    assert "synthetic encoder failure" in s.examples[0].reason and s.examples[0].sample_id == "ok"
+    assert s.complete and s.ok == 1 and s.failed == {C.STATUS_ENCODE_ERROR: 1}
+    assert "CUDA out of memory" in s.examples[0].reason and s.examples[0].sample_id == "ok"
+    st = C.open_store(s.store)
+    assert st.done_marker(0)["attempts"] == C.MAX_ATTEMPTS and st.retryable_shards() == [0]
+    assert st.row_status().tolist() == [C.STATUS_ENCODE_ERROR, C.STATUS_OK]
+
+
+def test_a_transient_encoder_error_is_retried_by_the_next_run(avcl_media_dir, tmp_path):
+    m = _rows(["ok.mp4", "short.mp4", "ok2.mp4", "noaudio.mp4"], avcl_media_dir)
+    ref = extract(m, avcl_media_dir, TinyEncoder(), tmp_path / "ref", batch_size=2, workers=0, progress=False,
+                  rows_per_shard=2)
+    # one out-of-memory error on the first batch and again on ok.mp4 alone: shard 0 is deferred, shard 1 written
+    s = extract(m, avcl_media_dir, Picky(fails=2), tmp_path, batch_size=2, workers=0, progress=False,
+                rows_per_shard=2)
+    assert not s.complete and s.deferred == [0] and s.shards_written == [1]
+    assert "run the same command again" in s.format()
+    again = extract(m, avcl_media_dir, TinyEncoder(), tmp_path, batch_size=2, workers=0, progress=False)
+    assert again.complete and again.shards_written == [0] and again.ok == 2 and again.failed == {}
+    st = C.open_store(again.store)
+    assert st.row_status().tolist() == [1, 1, 1, C.STATUS_NO_AUDIO] and st.retryable_shards() == []
+    _assert_same_arrays(again.store, ref.store)
+
+
+def test_repair_retries_rows_that_failed_to_encode(avcl_media_dir, tmp_path, monkeypatch):
+    m = _rows(["ok.mp4", "short.mp4", "ok2.mp4"], avcl_media_dir)
+    monkeypatch.setattr(runner_module, "MAX_ATTEMPTS", 1)  # final at once, as after the last attempt
+    s = extract(m, avcl_media_dir, Picky(), tmp_path, batch_size=2, workers=0, progress=False)
+    assert s.complete and s.failed == {C.STATUS_ENCODE_ERROR: 2}
+    assert C.open_store(s.store).retryable_shards() == [0]
+    from avcl_core.cli_cache import main as cache_cli
+
+    res = CliRunner().invoke(cache_cli, ["verify", s.store])
+    assert res.exit_code == 0 and "2 rows in shards 0 failed to encode" in res.output, res.output
+    monkeypatch.setattr(runner_module, "encoder_from_info", lambda info, device=None: TinyEncoder())
+    fixed = runner_module.repair(s.store, workers=0, progress=False)
+    assert fixed.complete and fixed.shards_written == [0] and fixed.ok == 3
+    st = C.open_store(s.store)
+    assert st.row_status().tolist() == [1, 1, 1] and st.retryable_shards() == []
+
+
+def test_a_full_disk_stops_with_the_store_and_free_space_then_resumes(avcl_synth_root, signal_reference, tmp_path,
+                                                                      monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    real_put, calls = local._put, []
+
+    def full_disk(path, value, exclusive=False):
+        calls.append(path)
+        if "/visual/c/" in str(path) and len([c for c in calls if "/visual/c/" in str(c)]) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full_disk)
+    args = ["--dataset", "synth", "--root", str(avcl_synth_root), "--encoder", "signal", *SIGNAL_ARGS,
+            "--cache-dir", str(tmp_path), "--rows-per-shard", "1", "--batch-size", "1", "--threads", "1",
+            "--workers", "0", "--no-progress", "--device", "cpu"]
+    res = CliRunner().invoke(cli, args)
+    store = _only_store(tmp_path)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"Error: {store}: writing shard 2 failed: the disk is full (ENOSPC: No space left on device)" in res.output
+    assert re.search(r"\d+\.\d\d GiB \(\d+ bytes\) free", res.output) and "run the same command again" in res.output
+    assert sorted(_markers(store)) == [0, 1] and not list(store.glob("_shards/*.claim"))
+    monkeypatch.setattr(local, "_put", real_put)  # space freed
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and "skipped 2 rows (2 shards already done)" in res.output, res.output
+    _assert_same_arrays(store, signal_reference)
+
+
+def test_a_run_with_many_failed_rows_says_so_and_fails_when_none_is_usable(avcl_media_dir, tmp_path):
+    path = _rows(["missing.mp4", "text.mp4", "zero.mp4"], avcl_media_dir).save(tmp_path / "m.jsonl")
+    res = CliRunner().invoke(cli, ["--manifest", str(path), "--root", str(avcl_media_dir), "--encoder", "signal",
+                                   *SIGNAL_ARGS, "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+                                   "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("WARNING: 3 of 3 rows failed (100.0 %): missing-file 1, unreadable 1, zero-length 1; "
+                                 "NO row is usable")
+    assert "e.g. missing [missing-file]" in res.output and "every one of the 3 rows failed" in res.output
 
 
 def test_shard_held_by_a_live_writer_is_left_to_it(avcl_media_dir, tmp_path):
