@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -178,25 +179,119 @@ def _array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _move_dead_claim(path: Path, dead: dict) -> None:
-    """Move the claim file at ``path`` aside if it still is ``dead`` (a dead writer's claim).
+# -- claims and their leases ------------------------------------------------------
+#: Seconds a claim stays valid without a heartbeat. Its holder refreshes the claim file's
+#: modification time every ``CLAIM_LEASE_S / 10`` s while it works on the shard; a claim
+#: not refreshed for longer was left by a writer that died, hung, or lost its host, and
+#: any writer on any host takes it over. Generous, because hosts' clocks differ.
+CLAIM_LEASE_S = float(os.environ.get("AVCL_CLAIM_LEASE_S", 300))
 
-    Contenders on this host (the only ones that take claims over) serialise on a lock
-    file: a contender that judged the claim dead after another had already replaced it
-    with a fresh claim must leave that fresh claim alone, or both would write the shard.
+_held: dict[str, str] = {}  # claim file -> token, for every claim this process holds
+_held_lock = threading.Lock()
+_heartbeat: threading.Thread | None = None
+
+
+def _read_claim(path: Path) -> tuple[dict, float] | None:
+    """(holder, age of its heartbeat in seconds) of the claim file at ``path``; None if absent.
+    An empty or half-written file reads as ``{}``."""
+    try:
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), age
+
+
+def claim_state(path: Path, holder: dict, age: float) -> str:
+    """``'live'``, ``'stale'`` (take it over) or ``'writing'`` (being created right now) for
+    a claim file holding ``holder`` whose heartbeat is ``age`` seconds old.
+
+    Stale: its lease expired (no heartbeat for ``holder['lease_s']`` s, any host); or it
+    names this host and a process that is not running; or it names this very process
+    but is not a claim this process holds (left by an earlier process that had the same
+    pid, e.g. a restarted container). An empty claim is stale after
+    :data:`EMPTY_CLAIM_TIMEOUT_S`.
     """
-    import fcntl
+    if not holder:
+        return "stale" if age > EMPTY_CLAIM_TIMEOUT_S else "writing"
+    if age > float(holder.get("lease_s", CLAIM_LEASE_S)):
+        return "stale"
+    if holder.get("host") == socket.gethostname() and holder.get("pid"):
+        pid = int(holder["pid"])
+        if pid == os.getpid():
+            with _held_lock:
+                mine = _held.get(str(path))
+            return "live" if mine is not None and mine == holder.get("token") else "stale"
+        if not _pid_alive(pid):
+            return "stale"
+    return "live"
 
-    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            now = json.loads(path.read_text() or "{}")
-        except FileNotFoundError:
-            return
-        except json.JSONDecodeError:  # half-written by a writer that died while claiming
-            now = {}
-        if now == dead:
-            path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
+
+def _take_over(path: Path, dead: dict) -> None:
+    """Remove the stale claim ``dead`` at ``path`` unless another writer already did.
+
+    Contenders on any host race through a hard link to a tombstone named after the
+    dead claim: only one link succeeds, so a contender that judged the claim dead after
+    another had already replaced it with a fresh claim leaves that fresh claim alone.
+    """
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return
+    tomb = path.with_name(f"{path.name}.stale-{dead.get('token') or dead.get('pid') or 'empty'}-"
+                          f"{dead.get('time', mtime) if dead else mtime}")
+    try:
+        os.link(path, tomb)
+    except (FileExistsError, FileNotFoundError):
+        return  # another contender took it over, or it was released
+    try:
+        now = json.loads(tomb.read_text() or "{}")
+    except (FileNotFoundError, json.JSONDecodeError):
+        now = {}
+    if now != dead:  # the file at path changed between our look and the link: not ours to remove
+        with contextlib.suppress(FileNotFoundError):
+            tomb.unlink()
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _beat() -> None:
+    """Refresh the claims this process holds every ``CLAIM_LEASE_S / 10`` s; ends when none is held."""
+    global _heartbeat
+    last = time.monotonic()
+    while True:
+        time.sleep(min(0.25, CLAIM_LEASE_S / 10))
+        with _held_lock:
+            if not _held:
+                _heartbeat = None
+                return
+            items = list(_held.items())
+        if time.monotonic() - last < CLAIM_LEASE_S / 10:
+            continue
+        last = time.monotonic()
+        for path, token in items:
+            got = _read_claim(Path(path))
+            if got is not None and got[0].get("token") == token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(path)
+            else:  # released, or taken over after our lease expired
+                with _held_lock:
+                    if _held.get(path) == token:
+                        del _held[path]
+
+
+def _hold(path: Path, token: str) -> None:
+    global _heartbeat
+    with _held_lock:
+        _held[str(path)] = token
+        if _heartbeat is None or not _heartbeat.is_alive():
+            _heartbeat = threading.Thread(target=_beat, name="avcl-claim-heartbeat", daemon=True)
+            _heartbeat.start()
 
 
 def _write_json_atomic(target: Path, obj) -> None:
@@ -410,56 +505,87 @@ class FeatureStore:
     def claim(self, i: int) -> bool:
         """Claim shard ``i`` for this process; False if done or held by a live writer.
 
-        A claim left by a dead process on this host is taken over atomically
-        (rename), so a killed extraction resumes its shards.
+        The claim file holds host, pid, a random token and the lease length
+        (:data:`CLAIM_LEASE_S`); a thread of this process refreshes its modification
+        time (the heartbeat) until :meth:`release` or :meth:`write_shard`. A stale
+        claim (:func:`claim_state`: lease expired on any host, a dead process on this
+        host, this pid but not this process's claim) is taken over atomically.
         """
         self._require_writable()
         if self.done_marker(i) is not None:
             return False
         path = Path(self._marker(i, "claim"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-        for _ in range(3):
+        for _ in range(20):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text() or "{}")
-                except (FileNotFoundError, json.JSONDecodeError):
-                    holder = {}
-                if holder.get("host") == me["host"] and holder.get("pid") and not _pid_alive(int(holder["pid"])):
-                    _move_dead_claim(path, holder)
+                got = _read_claim(path)
+                if got is None:
                     continue
-                if not holder:  # being written right now, or its writer died while writing it
-                    try:
-                        age = time.time() - path.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if age > EMPTY_CLAIM_TIMEOUT_S:
-                        _move_dead_claim(path, {})
-                        continue
+                state = claim_state(path, *got)
+                if state == "stale":
+                    _take_over(path, got[0])
+                    continue
+                if state == "writing":
                     time.sleep(0.05)
                     continue
                 return False
+            token = uuid.uuid4().hex
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "token": token,
+                  "lease_s": CLAIM_LEASE_S}
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            _hold(path, token)
             if self.done_marker(i) is not None:  # finished by another writer meanwhile
                 self.release(i)
                 return False
             return True
         return False
 
+    def holds(self, i: int) -> bool:
+        """Whether this process still holds its claim on shard ``i`` (not taken over)."""
+        path = Path(self._marker(i, "claim"))
+        with _held_lock:
+            token = _held.get(str(path))
+        got = _read_claim(path)
+        return token is not None and got is not None and got[0].get("token") == token
+
     def release(self, i: int) -> None:
-        try:
-            Path(self._marker(i, "claim")).unlink()
-        except FileNotFoundError:
-            pass
+        """Remove this process's claim on shard ``i`` (a claim another writer took over is left)."""
+        path = Path(self._marker(i, "claim"))
+        with _held_lock:
+            token = _held.pop(str(path), None)
+        got = _read_claim(path)
+        if got is not None and (token is None or got[0].get("token") in (None, token)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def claim_holder(self, i: int) -> dict | None:
-        try:
-            return json.loads(Path(self._marker(i, "claim")).read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        """The claim file of shard ``i`` (host, pid, token, lease_s, time), or None."""
+        got = _read_claim(Path(self._marker(i, "claim")))
+        return None if got is None else got[0]
+
+    def claims(self) -> dict[int, tuple[dict, float, str]]:
+        """Every claimed shard: ``{i: (holder, heartbeat age in s, claim_state)}``."""
+        out = {}
+        for p in sorted(Path(self._root, SHARDS_DIR).glob("*.claim")):
+            got = _read_claim(p)
+            if got is not None:
+                out[int(p.name.split(".")[0])] = (*got, claim_state(p, *got))
+        return out
+
+    def unclaim(self, shards: Iterable[int] | None = None) -> dict[int, tuple[dict, float, str]]:
+        """Remove the claims on ``shards`` (default: all) whoever holds them; returns what was removed."""
+        self._require_writable()
+        want = None if shards is None else {int(i) for i in shards}
+        removed = {}
+        for i, info in self.claims().items():
+            if want is None or i in want:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(self._marker(i, "claim")).unlink()
+                removed[i] = info
+        return removed
 
     def write_shard(
         self,

@@ -204,6 +204,58 @@ def info_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
         click.echo(f"  {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}")
 
 
+def _shard_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write shard numbers like 3,7 or 2-5", param_hint="--shards") from None
+    return out
+
+
+@main.command("unclaim")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--shards", default=None, help="Shards whose claims to remove, e.g. 3,7 or 2-5 (default: every claim).")
+def unclaim_cmd(store: str, shards: str | None) -> None:
+    """Remove the claims on shards of STORE, whoever holds them, so that a rerun redoes those shards.
+
+    A claim tells other extractors that a writer is working on a shard. Claims of
+    writers that died are taken over on their own once stale (their heartbeat is
+    older than their lease, or their process is gone on this host); this clears
+    them at once, e.g. after a cluster was torn down. Each claim is listed with its
+    host, pid, heartbeat age and whether it still looked live: removing a live
+    writer's claim lets a second writer redo its shard (same bytes, wasted work).
+
+    \b
+    Example:
+      avcl-cache unclaim cache/vggsound/vit-b16-0a1b2c3d4e5f.zarr
+      avcl-cache unclaim cache/vggsound/vit-b16-0a1b2c3d4e5f.zarr --shards 3,7
+    """
+    import zarr
+
+    st = _open(store, None, allow_incomplete=True)
+    st = FeatureStore(st.path, zarr.open_group(st.path, mode="r+"), writable=True)
+    removed = st.unclaim(_shard_list(shards))
+    if not removed:
+        click.echo(f"{st.path}: no claim" + (f" on shards {shards}" if shards else "") + " to remove")
+        return
+    for i, (holder, age, state) in sorted(removed.items()):
+        who = f"{holder.get('host', '?')} pid {holder.get('pid', '?')}" if holder else "an empty claim"
+        click.echo(f"removed claim on shard {i}: {who}, heartbeat {age:.0f} s ago ({state})")
+    live = [i for i, (_, _, state) in removed.items() if state == "live"]
+    if live:
+        click.echo(f"note: shards {','.join(map(str, sorted(live)))} looked live; if their writer is still running it "
+                   "finishes them too (same bytes)", err=True)
+    click.echo(f"{len(removed)} claims removed; run the same avcl-extract command again to finish the store")
+
+
 @main.command("verify")
 @click.argument("store")
 @click.option("--repair", is_flag=True,

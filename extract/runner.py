@@ -52,7 +52,7 @@ import torch
 import zarr
 
 from avcl_core.cache import (MAX_ATTEMPTS, RETRYABLE_CODES, STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK,
-                             STATUS_UNREADABLE, FeatureStore, ShardFailure, StoreError, _pid_alive, compute_key,
+                             STATUS_UNREADABLE, FeatureStore, ShardFailure, StoreError, compute_key,
                              content_hash, create_store, open_store, store_path, verify_store)
 from avcl_core.manifest import Manifest
 from extract.decode import DecodedClip, decode_row, decoder_identity, quiet_decoder_logs
@@ -99,6 +99,7 @@ class ShardResult:
     seconds: float
     pid: int = field(default_factory=os.getpid)
     deferred: bool = False  # rows failed for a reason retrying may fix: nothing written, the shard stays pending
+    lost: bool = False  # the claim was taken over (lease expired) before the write: nothing written
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Summary:
     relabelled: bool = False
     deferred: list[int] = field(default_factory=list)
     deferred_rows: int = 0
+    lost: list[int] = field(default_factory=list)
 
     @property
     def clips(self) -> int:
@@ -147,6 +149,9 @@ class Summary:
         return self.clips > 0 and self.ok == 0 and not self.deferred
 
     def add(self, result: ShardResult) -> None:
+        if result.lost:
+            self.lost.append(result.shard)
+            return
         if result.deferred:
             self.deferred.append(result.shard)
             self.deferred_rows += result.rows
@@ -183,6 +188,9 @@ class Summary:
             lines.append(f"retry   {self.deferred_rows} rows ({len(self.deferred)} shards: {_ranges(self.deferred)}) "
                          "had rows the encoder failed on (e.g. out of device memory); they were not written and "
                          "are retried by the next run of the same command")
+        if self.lost:
+            lines.append(f"lost    shards {_ranges(self.lost)}: this writer's claim expired and another writer "
+                         "took them over (the heartbeat stopped for longer than the lease); not written here")
         loud = self.failed_fraction > LOUD_FAILURE_FRACTION
         if loud:
             lines.insert(0, f"WARNING: {self.n_failed} of {self.clips} rows failed ({100 * self.failed_fraction:.1f} %): "
@@ -490,6 +498,9 @@ def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncode
         first = next(f.reason for f in buf.failures if f.code == STATUS_ENCODE_ERROR)
         raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
                            f"({buf.decoded_ok} clips); first error: {first}")
+    if not store.holds(buf.shard):
+        log.warning("shard %d: claim taken over by another writer (lease expired); not written here", buf.shard)
+        return ShardResult(buf.shard, len(buf.status), 0, [], time.perf_counter() - buf.start, lost=True)
     retry = [f for f in buf.failures if f.code in RETRYABLE_CODES]
     try:
         if retry and store.attempts(buf.shard) + 1 < MAX_ATTEMPTS:
@@ -608,12 +619,11 @@ def _conclude(store: FeatureStore, summary: Summary) -> Summary:
     if not pending:
         summary.complete = store.finalize()
         return summary
-    summary.waiting = pending
-    here = socket.gethostname()
-    live = [i for i in pending if (h := store.claim_holder(i)) and h.get("pid")
-            and (h.get("host") != here or _pid_alive(int(h["pid"])))]
-    if len(live) < len(pending):
-        summary.note = (f"{len(pending) - len(live)} shards are unfinished and unclaimed; "
+    claims = store.claims()
+    summary.waiting = [i for i in pending if i in claims and claims[i][2] == "live"]
+    rest = len(pending) - len(summary.waiting)
+    if rest:
+        summary.note = (f"{rest} shards are unfinished and not held by a live writer; "
                         "run the same command again to finish them")
     return summary
 
