@@ -325,6 +325,12 @@ def decode_pool(workers: int) -> Executor | None:
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_decode_worker)
 
 
+#: Decoding processes are replaced after this many clips each (on average), like
+#: ``max_tasks_per_child``: memory a decoding library leaks per clip (decord's audio
+#: reader did) cannot grow without bound in a long extraction.
+CLIPS_PER_DECODE_WORKER = 256
+
+
 class _Decoders:
     """Decoding jobs on a pool of ``workers`` processes (None: in this process).
 
@@ -334,13 +340,24 @@ class _Decoders:
     ``STATUS_UNREADABLE`` and the run goes on.
     """
 
-    def __init__(self, workers: int, root, preprocess):
+    def __init__(self, workers: int, root, preprocess, clips_per_worker: int | None = None):
         self.workers, self.root, self.pp = workers, root, preprocess
         self.pool = decode_pool(workers)
+        self.recycle_after = max(1, workers) * (clips_per_worker or CLIPS_PER_DECODE_WORKER)
+        self.submitted = 0
+        self.recycled = 0
 
     def submit(self, row: dict):
         if self.pool is None:
             return None
+        if self.submitted >= self.recycle_after and isinstance(self.pool, ProcessPoolExecutor):
+            # fresh processes: whatever a decoding library leaks per clip is bounded by one pool's share;
+            # the old pool finishes its queued clips and exits
+            old, self.pool = self.pool, decode_pool(self.workers)
+            old.shutdown(wait=False)
+            self.submitted = 0
+            self.recycled += 1
+        self.submitted += 1
         try:
             return self.pool.submit(decode_row, row, self.root, self.pp)
         except BrokenProcessPool:
@@ -402,7 +419,11 @@ def encoder_device(encoder: FeatureEncoder) -> torch.device:
 
 # -- the shard pipeline ---------------------------------------------------------
 class _ShardBuffer:
-    """Rows of one shard being assembled: zero features, status, valid_len, failures."""
+    """Rows of one shard being assembled: zero features, status, valid_len, failures.
+
+    ``unresolved`` counts rows not yet decoded, or decoded and waiting in a batch; the
+    shard is complete (ready to write) when it reaches 0.
+    """
 
     def __init__(self, store: FeatureStore, shard: int):
         self.shard = shard
@@ -412,7 +433,7 @@ class _ShardBuffer:
         self.status = np.zeros(n, dtype=np.uint8)
         self.valid_len = np.zeros(n, dtype=np.float32)
         self.failures: list[ShardFailure] = []
-        self.batch: list[tuple[int, str, DecodedClip]] = []
+        self.unresolved = n
         self.decoded_ok = 0
         self.start = time.perf_counter()
 
@@ -424,13 +445,22 @@ class _ShardBuffer:
         self.failures.append(ShardFailure(sample_id, int(code), reason))
 
 
+def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: on CUDA through pinned memory with a non-blocking copy
+    (the copy overlaps the host's next work; kernels on the stream wait for it)."""
+    t = torch.from_numpy(x)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _encode(encoder: FeatureEncoder, clips: Sequence[DecodedClip], device: torch.device) -> dict[str, np.ndarray]:
     pp = encoder.preprocess
     frames = audio = None
     if pp.num_frames:
-        frames = torch.from_numpy(np.stack([c.frames for c in clips])).to(device)
+        frames = _to_device(np.stack([c.frames for c in clips]), device)
     if pp.num_samples:
-        audio = torch.from_numpy(np.stack([c.audio for c in clips])).to(device)
+        audio = _to_device(np.stack([c.audio for c in clips]), device)
     with torch.inference_mode():
         out = encoder.encode(frames, audio)
     streams = encoder.streams()
@@ -446,30 +476,37 @@ def _encode(encoder: FeatureEncoder, clips: Sequence[DecodedClip], device: torch
     return result
 
 
-def _flush_batch(buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> None:
-    if not buf.batch:
+#: A decoded clip waiting for the encoder: (its shard's buffer, row in the shard, sample id, clip).
+_Item = tuple[_ShardBuffer, int, str, DecodedClip]
+
+
+def _encode_batch(items: list[_Item], encoder: FeatureEncoder, device: torch.device) -> None:
+    """Encode ``items`` (possibly of several shards) into their buffers; a batch that fails
+    is retried clip by clip (e.g. out of memory), a clip that fails alone is an encode error."""
+    if not items:
         return
-    batch, buf.batch = buf.batch, []
     try:
-        outs = [(batch, _encode(encoder, [c for _, _, c in batch], device))]
+        outs = [(items, _encode(encoder, [it[3] for it in items], device))]
     except StoreError:
         raise
-    except Exception:  # noqa: BLE001 - retry clip by clip (e.g. out of memory) to isolate a bad clip
+    except Exception:  # noqa: BLE001 - retry clip by clip to isolate a bad clip
         outs = []
-        for item in batch:
+        for item in items:
             try:
-                outs.append(([item], _encode(encoder, [item[2]], device)))
+                outs.append(([item], _encode(encoder, [item[3]], device)))
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001
                 reason = f"encoder {encoder.name}: {type(e).__name__}: {e}"[:300]
-                buf.fail(item[0], item[1], STATUS_ENCODE_ERROR, reason)
-    for items, feats in outs:
-        for k, (j, _, clip) in enumerate(items):
+                item[0].fail(item[1], item[2], STATUS_ENCODE_ERROR, reason)
+    for group, feats in outs:
+        for k, (buf, j, _, clip) in enumerate(group):
             for name, arr in feats.items():
                 buf.features[name][j] = arr[k]
             buf.status[j] = STATUS_OK
             buf.valid_len[j] = clip.valid_len
+    for buf, *_ in items:
+        buf.unresolved -= 1
 
 
 def clear_shard(store: FeatureStore, i: int) -> None:
@@ -485,19 +522,24 @@ def clear_shard(store: FeatureStore, i: int) -> None:
             (Path(store.path) / name / key).unlink()
 
 
-def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> ShardResult:
-    """Encode what is left of the shard and write it, or defer it for a retry.
-
-    A shard with rows the encoder failed on (:data:`~avcl_core.cache.RETRYABLE_CODES`)
-    is written only once it has been tried :data:`~avcl_core.cache.MAX_ATTEMPTS` times;
-    before that nothing is written and its retry marker keeps it pending.
-    """
-    _flush_batch(buf, encoder, device)
-    ok = int((buf.status == STATUS_OK).sum())
-    if buf.decoded_ok and not ok:
+def _check_shard(store: FeatureStore, buf: _ShardBuffer) -> None:
+    """Stop the run when the encoder failed on every decodable clip of a shard: a broken
+    encoder or device, not bad clips; nothing of that shard is written."""
+    if buf.decoded_ok and not int((buf.status == STATUS_OK).sum()):
         first = next(f.reason for f in buf.failures if f.code == STATUS_ENCODE_ERROR)
         raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
                            f"({buf.decoded_ok} clips); first error: {first}")
+
+
+def _write_shard(store: FeatureStore, buf: _ShardBuffer) -> ShardResult:
+    """Write a complete shard, or defer it for a retry (runs on the writer thread).
+
+    A shard with rows the encoder failed on (:data:`~avcl_core.cache.RETRYABLE_CODES`)
+    is written only once it has been tried :data:`~avcl_core.cache.MAX_ATTEMPTS` times;
+    before that nothing is written and its retry marker keeps it pending. A shard whose
+    claim another writer took over (this writer's lease expired) is left to that writer.
+    """
+    ok = int((buf.status == STATUS_OK).sum())
     if not store.holds(buf.shard):
         log.warning("shard %d: claim taken over by another writer (lease expired); not written here", buf.shard)
         return ShardResult(buf.shard, len(buf.status), 0, [], time.perf_counter() - buf.start, lost=True)
@@ -519,6 +561,32 @@ def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncode
     return ShardResult(buf.shard, len(buf.status), ok, list(buf.failures), seconds)
 
 
+class _Writer:
+    """Writes complete shards on one background thread, so that writing (compression,
+    disk) overlaps decoding and encoding. At most ``depth`` shards wait to be written
+    (bounded memory); the first write error is raised in the caller's thread."""
+
+    def __init__(self, store: FeatureStore, depth: int = 2):
+        self.store, self.depth = store, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="avcl-writer")
+        self.queue: deque = deque()
+
+    def submit(self, buf: _ShardBuffer) -> list[ShardResult]:
+        self.queue.append(self.pool.submit(_write_shard, self.store, buf))
+        return self.collect(block=len(self.queue) > self.depth)
+
+    def collect(self, block: bool = False, all_: bool = False) -> list[ShardResult]:
+        """Results of finished writes, in order; waits for the oldest when ``block``, for all when ``all_``."""
+        out = []
+        while self.queue and (all_ or block or self.queue[0].done()):
+            out.append(self.queue.popleft().result())
+            block = False
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def run_shards(
     store: FeatureStore,
     rows: Mapping[int, dict] | Sequence[dict],
@@ -533,18 +601,26 @@ def run_shards(
     """Claim, decode, encode and write shards of ``store`` until none is left to claim.
 
     ``rows[r]`` is manifest row ``r`` (a Manifest, list, or dict of the rows needed);
-    ``shards`` restricts the work to those shards. Decoding runs ``workers`` processes
-    ahead of the encoder (a window of ``max(2 * batch_size, 4 * workers)`` clips), across
-    shard boundaries. Claims this call still holds are released if it fails.
+    ``shards`` restricts the work to those shards. Three stages overlap: decoding runs
+    ``workers`` processes ahead of the encoder (a window of ``max(2 * batch_size,
+    4 * workers)`` clips), the encoder takes ``batch_size`` decoded clips at a time
+    across shard boundaries (so a small shard does not cap the batch), and a writer
+    thread writes each shard as soon as all its rows are resolved. Claims this call
+    still holds are released if it fails.
+
+    A row's features do not depend on which process or run wrote it, up to the
+    encoder's floating-point dependence on batch composition: for bit-identical
+    reruns use ``batch_size=1`` (or a batch-invariant encoder) and fixed ``threads``.
     """
     device = encoder_device(encoder)
     pp = encoder.preprocess
     allowed = None if shards is None else set(int(i) for i in shards)
     held: set[int] = set()
-    tried: set[int] = set()  # finished or deferred by this call: a deferred shard waits for the next run
+    tried: set[int] = set()  # complete (written, deferred or lost) in this call: a deferred shard waits for the next run
     results: list[ShardResult] = []
     window = max(2 * batch_size, 4 * workers, 1)
     decoders = _Decoders(workers, root, pp)
+    writer = _Writer(store)
 
     def claimed() -> Iterator[int]:
         while True:
@@ -574,32 +650,48 @@ def run_shards(
         i, r, job = item
         return i, r, decoders.result(job, rows[r])
 
-    buf: _ShardBuffer | None = None
+    def finished(done: list[ShardResult]) -> None:
+        for res in done:
+            results.append(res)
+            held.discard(res.shard)
+
+    open_bufs: dict[int, _ShardBuffer] = {}
+    batch: list[_Item] = []
+
+    def complete_ready() -> None:
+        for i in [i for i, b in open_bufs.items() if b.unresolved == 0]:
+            buf = open_bufs.pop(i)
+            _check_shard(store, buf)
+            tried.add(i)
+            finished(writer.submit(buf))
+
     try:
         for i, r, clip in decoded():
-            if buf is None or buf.shard != i:
-                if buf is not None:
-                    results.append(_finish_shard(store, buf, encoder, device))
-                    held.discard(buf.shard)
-                    tried.add(buf.shard)
-                buf = _ShardBuffer(store, i)
+            buf = open_bufs.get(i)
+            if buf is None:
+                buf = open_bufs[i] = _ShardBuffer(store, i)
             j = r - buf.rows.start
             sid = rows[r]["sample_id"]
             if clip.ok:
                 buf.decoded_ok += 1
-                buf.batch.append((j, sid, clip))
-                if len(buf.batch) >= batch_size:
-                    _flush_batch(buf, encoder, device)
+                batch.append((buf, j, sid, clip))
+                if len(batch) >= batch_size:
+                    _encode_batch(batch, encoder, device)
+                    batch = []
             else:
                 buf.fail(j, sid, clip.status, clip.reason)
+                buf.unresolved -= 1
+            complete_ready()
+            finished(writer.collect())
             if on_row is not None:
                 on_row(1)
-        if buf is not None:
-            results.append(_finish_shard(store, buf, encoder, device))
-            held.discard(buf.shard)
-            tried.add(buf.shard)
+        _encode_batch(batch, encoder, device)
+        batch = []
+        complete_ready()
+        finished(writer.collect(all_=True))
     finally:
         decoders.close()
+        writer.close()  # shards already handed over are written (or fail) before claims are released
         for i in held:  # a failure mid-shard: let another writer (or a rerun) take it
             store.release(i)
     return results

@@ -223,10 +223,13 @@ def test_a_full_disk_stops_with_the_store_and_free_space_then_resumes(avcl_synth
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert f"Error: {store}: writing shard 2 failed: the disk is full (ENOSPC: No space left on device)" in res.output
     assert re.search(r"\d+\.\d\d GiB \(\d+ bytes\) free", res.output) and "run the same command again" in res.output
-    assert sorted(_markers(store)) == [0, 1] and not list(store.glob("_shards/*.claim"))
+    # shards 0 and 1 are kept (and any the writer thread already had in hand), shard 2 is not done, no claim is left
+    done = sorted(_markers(store))
+    assert done[:2] == [0, 1] and 2 not in done and len(done) < 12 and not list(store.glob("_shards/*.claim"))
     monkeypatch.setattr(local, "_put", real_put)  # space freed
     res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 0 and "skipped 2 rows (2 shards already done)" in res.output, res.output
+    assert res.exit_code == 0 and f"skipped {len(done)} rows ({len(done)} shards already done)" in res.output, \
+        res.output
     _assert_same_arrays(store, signal_reference)
 
 
@@ -253,6 +256,46 @@ def test_shard_held_by_a_live_writer_is_left_to_it(avcl_media_dir, tmp_path):
     store.release(1)
     s = extract(m, avcl_media_dir, enc, tmp_path, workers=0, progress=False)
     assert s.complete and s.shards_written == [1] and s.skipped_shards == 1 and s.skipped_rows == 2
+
+
+def test_batches_span_shards_and_give_the_same_rows_as_batches_of_one(avcl_media_dir, tmp_path):
+    import threading
+
+    m = _rows(["ok.mp4", "ok2.mp4", "missing.mp4", "short.mp4", "noaudio.mp4"], avcl_media_dir)
+    one = extract(m, avcl_media_dir, TinyEncoder(), tmp_path / "one", batch_size=1, workers=0, progress=False,
+                  rows_per_shard=1)
+    enc, writers = TinyEncoder(), set()
+    real = C.FeatureStore.write_shard
+
+    def spy(self, *a, **kw):
+        writers.add(threading.current_thread().name)
+        return real(self, *a, **kw)
+
+    C.FeatureStore.write_shard = spy
+    try:
+        s = extract(m, avcl_media_dir, enc, tmp_path / "three", batch_size=3, workers=2, progress=False,
+                    rows_per_shard=1)
+    finally:
+        C.FeatureStore.write_shard = real
+    # one-row shards, yet the encoder sees full batches: ok, ok2, short (missing and noaudio fail decoding)
+    assert enc.calls == [3] and s.complete and s.ok == 3
+    assert {w.split("_")[0] for w in writers} == {"avcl-writer"}  # shards are written off the encoding thread
+    _assert_same_arrays(s.store, one.store)
+
+
+def test_decoding_processes_are_recycled_and_every_clip_comes_back(avcl_media_dir):
+    enc = TinyEncoder()
+    d = runner_module._Decoders(2, avcl_media_dir, enc.preprocess, clips_per_worker=1)
+    try:
+        rows = _rows(["ok.mp4", "ok2.mp4", "short.mp4", "missing.mp4"], avcl_media_dir).rows
+        rows = rows[:3] + [{**rows[0], "sample_id": "ok-again"}] + rows[3:]
+        jobs = [(r, d.submit(r)) for r in rows]
+        clips = [d.result(job, r) for r, job in jobs]
+    finally:
+        d.close()
+    assert d.recycled == 2  # a fresh pool after every 2 clips (2 workers x 1 clip): 5 clips, 3 pools
+    assert [c.status for c in clips] == [1, 1, 1, 1, C.STATUS_MISSING]
+    np.testing.assert_array_equal(clips[0].frames, clips[3].frames)
 
 
 def _crashing_decode(row, root, preprocess):
