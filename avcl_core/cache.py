@@ -594,12 +594,27 @@ class FeatureStore:
         status: np.ndarray,
         valid_len: np.ndarray,
         failures: Iterable[ShardFailure] = (),
+        extra: Mapping[str, np.ndarray] | None = None,
     ) -> dict:
-        """Write all rows of shard ``i`` (one aligned assignment per array), then its done-marker."""
+        """Write all rows of shard ``i`` (one aligned assignment per array), then its done-marker.
+
+        ``extra``: more row arrays of the shard by name (e.g. segmentation masks), each
+        written to the store's array of that name in that array's own dtype; the array
+        must exist (created with the store) and its shard is hashed like the streams."""
         self._require_writable()
         rows = self.shard_rows(i)
         n = rows.stop - rows.start
         digests = {}
+        for name, data in (extra or {}).items():
+            if name not in self.group or name in self.streams or name in META_ARRAYS:
+                raise StoreError(f"{self.path}: shard {i}: {name!r} is not an extra row array of this store")
+            arr = self.group[name]
+            data = np.asarray(data, dtype=arr.dtype)
+            if data.shape != (n, *arr.shape[1:]):
+                raise StoreError(f"{self.path}: shard {i} array {name!r} has shape {data.shape}, "
+                                 f"expected {(n, *arr.shape[1:])}")
+            arr[rows] = data
+            digests[name] = _array_digest(data)
         for name, shape in self.streams.items():
             if name not in features:
                 raise StoreError(f"{self.path}: shard {i} lacks stream {name!r}")
@@ -857,13 +872,16 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
         if marker is None:
             bad.append((i, "no done-marker (shard never finished)"))
             continue
-        for name in names:
+        for name in names + sorted(set(marker.get("sha256", {})) - set(names)):
+            if name not in store.group:
+                bad.append((i, f"{name}: array missing (its shard digest is in the done-marker)"))
+                continue
             try:
                 data = store.group[name][rows]
             except Exception as e:  # noqa: BLE001 - any decode failure is corruption
                 bad.append((i, f"{name}: chunk does not decode ({type(e).__name__}: {e})"))
                 continue
-            want_shape = (rows.stop - rows.start, *store.streams.get(name, ()))
+            want_shape = (rows.stop - rows.start, *store.streams.get(name, store.group[name].shape[1:]))
             if data.shape != want_shape:
                 bad.append((i, f"{name}: shape {data.shape} != {want_shape}"))
             elif marker.get("sha256", {}).get(name) not in (None, _array_digest(data)):

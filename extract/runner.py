@@ -433,6 +433,7 @@ class _ShardBuffer:
         self.status = np.zeros(n, dtype=np.uint8)
         self.valid_len = np.zeros(n, dtype=np.float32)
         self.failures: list[ShardFailure] = []
+        self.extra: dict[str, np.ndarray] = {}  # more row arrays of the shard (FeatureStore.write_shard's extra)
         self.unresolved = n
         self.decoded_ok = 0
         self.start = time.perf_counter()
@@ -552,7 +553,7 @@ def _write_shard(store: FeatureStore, buf: _ShardBuffer) -> ShardResult:
             return ShardResult(buf.shard, len(buf.status), 0, list(buf.failures), time.perf_counter() - buf.start,
                                deferred=True)
         clear_shard(store, buf.shard)
-        store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures)
+        store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures, extra=buf.extra or None)
     except OSError as e:
         raise write_error(store, f"writing shard {buf.shard}", e) from e
     seconds = time.perf_counter() - buf.start

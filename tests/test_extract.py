@@ -376,6 +376,17 @@ def test_cli_own_manifest_with_bad_clips(avcl_media_dir, tmp_path):
     assert st.dataset == "media" and st.attrs["extract"]["manifest"] == str(path.resolve())
 
 
+def test_precision_option_selects_the_encoders_compute_dtype():
+    from click import UsageError
+
+    from extract.cli import encoder_options
+
+    assert encoder_options("sam-audio", "tiny", None, True, 0, "cuda", {"precision": "fp32"})["amp"] is None
+    assert encoder_options("vit-b16", "tiny", None, True, 0, "cuda", {"precision": "bf16"})["amp"] == "bfloat16"
+    with pytest.raises(UsageError, match="no precision option"):
+        encoder_options("signal", None, None, False, 0, "cpu", {"precision": "fp32"})
+
+
 def test_cli_errors_name_the_problem(avcl_synth_root, tmp_path):
     base = ["--dataset", "synth", "--root", str(avcl_synth_root), "--cache-dir", str(tmp_path)]
     res = CliRunner().invoke(cli, base + ["--encoder", "vit-b16"])
