@@ -25,7 +25,9 @@ the unit of work and of writing: a writer encodes all rows of a shard, writes
 them in one aligned assignment per array, then writes the shard's done-marker
 ``_shards/<i>.done.json`` (row range, failures with reasons, a sha256 of every
 array's bytes). A crash redoes at most that shard. Writers claim a shard with an
-exclusive ``_shards/<i>.claim`` file, so two writers never encode the same shard.
+exclusive ``_shards/<i>.claim`` file, so two writers never encode the same shard; a
+claim carries a lease that its holder's heartbeat keeps alive (:data:`CLAIM_LEASE_S`),
+and a stale claim is taken over from any host (:func:`claim_state`).
 
 The group attributes hold the full key material, ``key``, ``status``
 (``building`` → ``complete``), counts, library versions, creation time and host.

@@ -21,7 +21,6 @@ imports the extraction code), using the settings the store recorded under
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -11,21 +11,29 @@ key: rerunning with a relabelled manifest reuses the store and only replaces its
 
 Work is done shard by shard (the store's unit of work and of writing):
 
-1. claim a pending shard (an exclusive claim file; a claim left by a dead process is
-   taken over), so concurrent extractors never encode the same shard;
+1. claim a pending shard (an exclusive claim file with a lease kept alive by a
+   heartbeat thread; a stale claim is taken over, see :meth:`FeatureStore.claim`), so
+   concurrent extractors on any number of hosts never encode the same shard;
 2. decode its rows in a pool of worker processes (:func:`extract.decode.decode_row`),
-   a bounded number of clips ahead, so decoding of the next shard overlaps encoding
-   of the current one;
-3. encode ``batch_size`` clips per call (frozen encoder, ``torch.inference_mode()``;
-   the encoders autocast to bf16 themselves on CUDA), cast every stream to float16;
-4. ``write_shard`` (all rows, then the done-marker), which releases the claim.
+   a bounded number of clips ahead, so decoding overlaps encoding; the processes are
+   replaced every :data:`CLIPS_PER_DECODE_WORKER` clips each, so a decoder's leak is bounded;
+3. encode ``batch_size`` decoded clips per call, across shard boundaries (frozen
+   encoder, ``torch.inference_mode()``; pinned host memory and non-blocking copies on
+   CUDA; the encoders autocast themselves on CUDA), cast every stream to float16;
+4. hand each complete shard to a writer thread: ``write_shard`` (all rows, then the
+   done-marker), which releases the claim — writing overlaps encoding.
 
 Clips that fail to decode are written as zeros with their status code and listed in
-the shard's done-marker. When no shard is pending the store is finalized
-(``status = complete``); if other live writers still hold shards, the last one finalizes.
+the shard's done-marker. A shard with a clip the encoder failed on is not written but
+deferred to the next run, up to :data:`~avcl_core.cache.MAX_ATTEMPTS` attempts. An
+OSError while writing (a full disk) stops the run with the store and its free space
+(:class:`StoreWriteError`); written shards are kept. When no shard is pending the
+store is finalized (``status = complete``); if other live writers still hold shards,
+the last one finalizes.
 
-Batches never cross a shard and are formed from the shard's decodable rows in order,
-so a shard's bytes do not depend on which process (or which run, after a crash) wrote it.
+A row's features do not depend on which process or run wrote it, up to the encoder's
+floating-point dependence on batch composition (batches span shards): with
+``batch_size=1`` and fixed ``threads`` a rerun is bit-identical.
 
 Besides the cache's attributes, the store records under ``attrs["extract"]`` how to
 redo a shard (:func:`repair`): dataset, absolute root, source manifest path, encoder
@@ -38,7 +46,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -562,3 +562,52 @@ def test_repair_rewrites_corrupt_shards(avcl_synth_root, signal_reference, tmp_p
     assert res.exit_code == 0 and "ok      2" in res.output, res.output
     assert sorted(_markers(store)[i]["pid"] == os.getpid() for i in (2, 7)) == [True, True]
     _assert_same_arrays(store, signal_reference)
+
+
+# -- many writers, many crashes (slow) ------------------------------------------------
+def _run_to_completion(args, timeout=300):
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_extractors_on_one_store_give_the_uninterrupted_store(avcl_synth_root, signal_reference, tmp_path, n):
+    args = _cli_args(avcl_synth_root, tmp_path, "--workers", "0", "-v")
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, outs
+    written = Counter(int(s) for _, err in outs for s, _ in re.findall(r"shard (\d+) written by pid (\d+)", err))
+    assert written == Counter(range(12)), written  # every shard encoded exactly once
+    store = _only_store(tmp_path)
+    assert C.open_store(store).status == "complete" and not list(store.glob("_shards/*.claim"))
+    _assert_same_arrays(store, signal_reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_20_random_moments_then_rerun_gives_the_uninterrupted_store(avcl_synth_root, signal_reference,
+                                                                              tmp_path):
+    import random
+
+    t = time.perf_counter()
+    _run_to_completion(_cli_args(avcl_synth_root, tmp_path / "timing", "--workers", "1"))
+    full = time.perf_counter() - t
+    rng = random.Random(0)
+    killed_states = Counter()
+    for k in range(20):
+        cache = tmp_path / f"run{k}"
+        proc = subprocess.Popen(_cli_args(avcl_synth_root, cache, "--workers", "1"), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, full))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stores = C.find_stores(cache)
+        done = len(list(Path(stores[0]).glob("_shards/*.done.json"))) if stores else -1
+        killed_states["no store yet" if done < 0 else "finished" if done == 12 else "mid-run"] += 1
+        _run_to_completion(_cli_args(avcl_synth_root, cache, "--workers", "1"))
+        store = _only_store(cache)
+        assert C.open_store(store).status == "complete", k
+        _assert_same_arrays(store, signal_reference)
+    assert killed_states["mid-run"] >= 5, killed_states  # most kills landed while shards were being written
