@@ -46,6 +46,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -697,6 +698,15 @@ def run_shards(
         batch = []
         complete_ready()
         finished(writer.collect(all_=True))
+    except Exception:
+        # a bad row stopped the run: first keep the work done, i.e. encode the clips already
+        # decoded and write the shards they complete (not after a write error: the disk is full)
+        if not isinstance(sys.exc_info()[1], StoreError):
+            with contextlib.suppress(Exception):
+                _encode_batch(batch, encoder, device)
+                complete_ready()
+                writer.collect(all_=True)
+        raise
     finally:
         decoders.close()
         writer.close()  # shards already handed over are written (or fail) before claims are released
