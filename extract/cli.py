@@ -247,7 +247,8 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
     if summary.task_errors:
         sys.exit(1)
     if summary.all_failed:
-        click.echo(f"avcl-extract: error: every one of the {summary.clips} rows failed; the store has no usable row "
+        n = sum(summary.store_counts.values()) if summary.already_complete else summary.clips
+        click.echo(f"avcl-extract: error: every one of the {n} rows failed; the store has no usable row "
                    "(see the reasons above)", err=True)
         sys.exit(1)
     return summary

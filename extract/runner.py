@@ -134,6 +134,7 @@ class Summary:
     deferred: list[int] = field(default_factory=list)
     deferred_rows: int = 0
     lost: list[int] = field(default_factory=list)
+    store_counts: dict[str, int] = field(default_factory=dict)  # rows per status of a complete store
 
     @property
     def clips(self) -> int:
@@ -153,7 +154,10 @@ class Summary:
 
     @property
     def all_failed(self) -> bool:
-        """Rows were processed and not one of them is ok (nor waits for a retry)."""
+        """Rows were processed and not one of them is ok (nor waits for a retry); for a
+        store found complete, not one of its rows is ok."""
+        if self.already_complete:
+            return sum(self.store_counts.values()) > 0 and not self.store_counts.get("ok")
         return self.clips > 0 and self.ok == 0 and not self.deferred
 
     def add(self, result: ShardResult) -> None:
@@ -178,7 +182,13 @@ class Summary:
         relabel = (f"\nlabels/splits: the store's {STORE_MANIFEST} now holds this run's manifest "
                    "(labels, class names or splits changed; the features depend on neither)" if self.relabelled else "")
         if self.already_complete:
-            return f"already complete: {self.store} (key {self.key[:12]}…); features reused" + relabel
+            stored = {k: v for k, v in self.store_counts.items() if k != "ok"}
+            failed, total = sum(stored.values()), sum(self.store_counts.values())
+            warn = (f"\nWARNING: {failed} of {total} rows of this store failed ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(stored.items()))
+                    + f"); their reasons: avcl-cache info {self.store}"
+                    if total and failed / total > LOUD_FAILURE_FRACTION else "")
+            return f"already complete: {self.store} (key {self.key[:12]}…); features reused" + warn + relabel
         codes = ", ".join(f"{STATUS_NAMES.get(c, c)} {n}" for c, n in sorted(self.failed.items()))
         lines = [
             f"store   {self.store}",
@@ -790,6 +800,7 @@ def _run(store, manifest, root, encoder, *, batch_size, workers, scheduler, prog
     summary = Summary(store=store.path, key=store.key, n_rows=store.n_rows, n_shards=store.n_shards)
     if store.status == "complete":
         summary.already_complete = summary.complete = True
+        summary.store_counts = dict(store.attrs.get("counts") or {})
         return summary
     allowed = None if shards is None else set(shards)
     all_pending = store.pending_shards()

@@ -242,6 +242,11 @@ def test_a_run_with_many_failed_rows_says_so_and_fails_when_none_is_usable(avcl_
     assert res.output.startswith("WARNING: 3 of 3 rows failed (100.0 %): missing-file 1, unreadable 1, zero-length 1; "
                                  "NO row is usable")
     assert "e.g. missing [missing-file]" in res.output and "every one of the 3 rows failed" in res.output
+    again = CliRunner().invoke(cli, ["--manifest", str(path), "--root", str(avcl_media_dir), "--encoder", "signal",
+                                     *SIGNAL_ARGS, "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                                     "--device", "cpu"])
+    assert again.exit_code == 1 and "already complete" in again.output
+    assert "WARNING: 3 of 3 rows of this store failed (missing-file 1, unreadable 1, zero-length 1)" in again.output
 
 
 def test_shard_held_by_a_live_writer_is_left_to_it(avcl_media_dir, tmp_path):
