@@ -140,8 +140,10 @@ def pipeline_rows(names, manifest, root, tmp, args) -> list[dict]:
 
 def _rss_child(argv) -> None:
     """Hidden mode: one extraction in this fresh process; prints peak RSS (MiB) as JSON."""
-    name, manifest_path, root, cache, workers, batch, threads, seconds = argv
+    name, manifest_path, root, cache, workers, batch, threads, seconds, rate = argv
     label, opts = CONFIGS[name]
+    if name == "signal":
+        opts = {**opts, "audio_rate": int(rate)}
     enc = build_encoder(name, clip_seconds=float(seconds), **opts)
     m = Manifest.load(manifest_path)
     s = extract(m, root, enc, cache, batch_size=int(batch), workers=int(workers), progress=False,
@@ -161,15 +163,16 @@ def memory_rows(names, manifest, root, tmp, args) -> list[dict]:
             path = Manifest(rows_m).save(tmp / f"mem-{name}-{mult}.jsonl")
             out = subprocess.run([sys.executable, __file__, "--_rss-child", name, str(path), str(root),
                                   str(tmp / f"mem-{name}-{mult}"), str(args.workers), str(args.batch_size),
-                                  str(args.threads), str(args.seconds)], capture_output=True, text=True, check=True,
+                                  str(args.threads), str(args.seconds), str(args.audio_rate)], capture_output=True,
+                                 text=True, check=True,
                                  cwd=Path(__file__).resolve().parents[1])
             r[mult] = json.loads(out.stdout.strip().splitlines()[-1])
             r[f"n{mult}"] = len(rows_m)
         r["main_ratio"] = r[4]["main"] / r[1]["main"]
         r["worker_ratio"] = r[4]["worker"] / r[1]["worker"]
         rows.append(r)
-        print(f"{r['encoder']:18s} N={r['n1']}: main {r[1]['main']:.0f} MiB, worker {r[1]['worker']:.0f} MiB; "
-              f"4N={r['n4']}: main {r[4]['main']:.0f} MiB, worker {r[4]['worker']:.0f} MiB "
+        print(f"{r['encoder']:18s} N={r['n1']}: main {r[1]['main']:.1f} MiB, worker {r[1]['worker']:.1f} MiB; "
+              f"4N={r['n4']}: main {r[4]['main']:.1f} MiB, worker {r[4]['worker']:.1f} MiB "
               f"(x{r['main_ratio']:.3f}, x{r['worker_ratio']:.3f})", flush=True)
     return rows
 
@@ -194,6 +197,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--memory", action="store_true", help="measure peak RSS of extractions of N and 4N clips")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of --pipeline/--memory runs")
     ap.add_argument("--repeat", type=int, default=3, help="--pipeline: interleaved repetitions (best of each)")
+    ap.add_argument("--audio-rate", type=int, default=16000,
+                    help="audio rate of the rendered clips (and of the signal encoder)")
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_rss-child":
         _rss_child(sys.argv[2:])
         return []
@@ -207,7 +212,10 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="avcl-bench-") as tmp:
         tmp = Path(tmp)
         root = tmp / "synth"
-        render(root, classes=args.classes, clips_per_class=args.clips_per_class, seed=0, seconds=args.seconds)
+        render(root, classes=args.classes, clips_per_class=args.clips_per_class, seed=0, seconds=args.seconds,
+               audio_rate=args.audio_rate)
+        if args.audio_rate != 16000:
+            CONFIGS["signal"] = ("signal", {"audio_rate": args.audio_rate})
         manifest = Manifest.load(root / "manifest.jsonl")
         if args.pipeline or args.memory:
             return _special(args, names, manifest, root, tmp)
@@ -248,7 +256,8 @@ def main(argv=None) -> list[dict]:
 def _special(args, names, manifest, root, tmp) -> list[dict]:
     out = []
     command = "python benchmarks/bench_extract.py " + " ".join(sys.argv[1:])
-    clips = (f"{len(manifest)} synth clips of {args.seconds:g} s ({args.classes} classes, 96 px, 8 fps, 16 kHz)")
+    clips = (f"{len(manifest)} synth clips of {args.seconds:g} s ({args.classes} classes, 96 px, 8 fps, "
+             f"{args.audio_rate / 1000:g} kHz)")
     if args.pipeline:
         rows = pipeline_rows(names, manifest, root, tmp, args)
         out += rows
@@ -269,7 +278,7 @@ def _special(args, names, manifest, root, tmp) -> list[dict]:
                  "|---|---:|---:|---:|"]
         for r in rows:
             for mult in (1, 4):
-                table.append(f"| {r['encoder']} | {r[f'n{mult}']} | {r[mult]['main']:.0f} | {r[mult]['worker']:.0f} |")
+                table.append(f"| {r['encoder']} | {r[f'n{mult}']} | {r[mult]['main']:.1f} | {r[mult]['worker']:.1f} |")
             table.append(f"| {r['encoder']} | 4N ÷ N | x{r['main_ratio']:.3f} | x{r['worker_ratio']:.3f} |")
         text = "\n".join(table) + "\n"
         print("\n" + text)

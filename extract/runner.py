@@ -346,7 +346,7 @@ def decode_pool(workers: int) -> Executor | None:
 #: Decoding processes are replaced after this many clips each (on average), like
 #: ``max_tasks_per_child``: memory a decoding library leaks per clip (decord's audio
 #: reader did) cannot grow without bound in a long extraction.
-CLIPS_PER_DECODE_WORKER = 256
+CLIPS_PER_DECODE_WORKER = 32
 
 
 class _Decoders:
