@@ -325,11 +325,23 @@ def _prepare(manifest, encoder, cache_dir, *, dataset, rows_per_shard, info) -> 
 
 
 # -- decoding pool -------------------------------------------------------------
+def _exit_with_parent(parent: int) -> None:
+    # A forked worker keeps the pool's pipes open itself, so it never sees its parent die:
+    # without this, a SIGKILLed extraction would leave its decoding processes behind for good.
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def _init_decode_worker() -> None:
     # one thread per decoding process: the processes are the parallelism
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     quiet_decoder_logs()
+    import threading
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="avcl-parent-watch", daemon=True).start()
 
 
 def decode_pool(workers: int) -> Executor | None:

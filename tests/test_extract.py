@@ -616,3 +616,25 @@ def test_sigkill_at_20_random_moments_then_rerun_gives_the_uninterrupted_store(a
         assert C.open_store(store).status == "complete", k
         _assert_same_arrays(store, signal_reference)
     assert killed_states["mid-run"] >= 5, killed_states  # most kills landed while shards were being written
+
+
+@pytest.mark.slow
+def test_decoding_processes_exit_when_their_extraction_is_killed(avcl_synth_root, tmp_path):
+    proc = subprocess.Popen(_cli_args(avcl_synth_root, tmp_path, "--workers", "2"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    children: list[int] = []
+    while not children:
+        assert proc.poll() is None and time.time() < deadline, "no decoding process started"
+        try:
+            children = [int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except FileNotFoundError:
+            pytest.skip("no /proc children list on this system")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]
+              for c in children if Path(f"/proc/{c}/stat").exists()):
+        assert time.time() < deadline, f"decoding processes {children} outlived their killed parent"
+        time.sleep(0.1)
