@@ -596,26 +596,46 @@ def test_sigkill_at_20_random_moments_then_rerun_gives_the_uninterrupted_store(a
                                                                               tmp_path):
     import random
 
+    # the 12 synth clips 3 times (36 one-row shards), so that the extraction phase is long enough to land in
+    base = Manifest.load(avcl_synth_root / "manifest.jsonl")
+    manifest = Manifest([{**r, "sample_id": f"{r['sample_id']}-{k}"} for k in range(3) for r in base]).save(
+        tmp_path / "repeated.jsonl")
+
+    def args(cache):
+        return _cli("--manifest", manifest, "--root", avcl_synth_root, "--encoder", "signal", *SIGNAL_ARGS,
+                    "--cache-dir", cache, "--rows-per-shard", "1", "--batch-size", "1", "--threads", "1",
+                    "--no-progress", "--device", "cpu", "--workers", "1")
+
+    def start_and_wait_for_store(cache):
+        proc = subprocess.Popen(args(cache), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not list(Path(cache).glob("*/*.zarr/_shards")) and proc.poll() is None:
+            assert time.time() < deadline, "no store appeared"
+            time.sleep(0.01)
+        return proc
+
+    proc = start_and_wait_for_store(tmp_path / "timing")
     t = time.perf_counter()
-    _run_to_completion(_cli_args(avcl_synth_root, tmp_path / "timing", "--workers", "1"))
-    full = time.perf_counter() - t
+    assert proc.wait(timeout=300) == 0
+    extracting = time.perf_counter() - t  # from the store's creation to the end of the run
+    ref = _arrays(signal_reference)
     rng = random.Random(0)
-    killed_states = Counter()
+    states = Counter()
     for k in range(20):
         cache = tmp_path / f"run{k}"
-        proc = subprocess.Popen(_cli_args(avcl_synth_root, cache, "--workers", "1"), cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.0, full))
+        proc = start_and_wait_for_store(cache)
+        time.sleep(rng.uniform(0.0, extracting))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        stores = C.find_stores(cache)
-        done = len(list(Path(stores[0]).glob("_shards/*.done.json"))) if stores else -1
-        killed_states["no store yet" if done < 0 else "finished" if done == 12 else "mid-run"] += 1
-        _run_to_completion(_cli_args(avcl_synth_root, cache, "--workers", "1"))
+        done = len(list(_only_store(cache).glob("_shards/*.done.json")))
+        states["finished" if done == 36 else "mid-run"] += 1
+        _run_to_completion(args(cache))
         store = _only_store(cache)
         assert C.open_store(store).status == "complete", k
-        _assert_same_arrays(store, signal_reference)
-    assert killed_states["mid-run"] >= 5, killed_states  # most kills landed while shards were being written
+        got = _arrays(store)
+        for name in ("status", "valid_len", *C.open_store(store).streams):
+            assert got[name].tobytes() == np.concatenate([ref[name]] * 3).tobytes(), (k, name)
+    assert states["mid-run"] >= 10, states  # most kills landed while shards were being written
 
 
 @pytest.mark.slow
