@@ -96,7 +96,7 @@ def describe(store: FeatureStore) -> dict:
         "rows_failed": failed,
         "rows_pending": pending,
         "counts": a.get("counts", {}),
-        "classes": len(a.get("classes", [])),
+        "classes": len(a.get("classes") or _manifest_classes(store)),
         "rows_per_shard": store.rows_per_shard,
         "shards": store.n_shards,
         "shards_done": len(store.done_shards()),
@@ -105,6 +105,14 @@ def describe(store: FeatureStore) -> dict:
         "extract": a.get("extract"),
         "size_bytes": store.size_bytes(),
     }
+
+
+def _manifest_classes(store: FeatureStore) -> list[str]:
+    try:
+        m = store.manifest()
+    except (ManifestError, OSError):
+        return []
+    return m.classes() if m is not None else []
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,15 +176,28 @@ def ls_cmd(root: str | None, as_json: bool, storage_options: str | None) -> None
 @main.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--failures", is_flag=True, help="List every failed row: sample id, status and reason.")
 @click.option("--storage-options", help=_STORAGE_HELP)
-def info_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
+def info_cmd(store: str, as_json: bool, failures: bool, storage_options: str | None) -> None:
     """Show a STORE's key material, provenance and arrays (shapes, dtypes, chunking).
 
     \b
     Example:
       avcl-cache info cache/ave/videomae-0f1e2d3c4b5a.zarr --json
+      avcl-cache info --failures cache/vggsound/vit-b16-0a1b2c3d4e5f.zarr
     """
     st = _open(store, storage_options, allow_incomplete=True)
+    if failures:
+        from .cache import STATUS_NAMES
+
+        rows = st.failures()
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, sort_keys=True))
+            return
+        for f in rows:
+            click.echo(f"{f['sample_id']}\t{STATUS_NAMES.get(f['code'], f['code'])}\t{f['reason']}")
+        click.echo(f"{len(rows)} failed rows in {st.path}", err=True)
+        return
     d = describe(st)
     if as_json:
         click.echo(json.dumps(d, indent=2, sort_keys=True))

@@ -186,7 +186,7 @@ class Summary:
             failed, total = sum(stored.values()), sum(self.store_counts.values())
             warn = (f"\nWARNING: {failed} of {total} rows of this store failed ("
                     + ", ".join(f"{k} {v}" for k, v in sorted(stored.items()))
-                    + f"); their reasons: avcl-cache info {self.store}"
+                    + f"); their reasons: avcl-cache info --failures {self.store}"
                     if total and failed / total > LOUD_FAILURE_FRACTION else "")
             return f"already complete: {self.store} (key {self.key[:12]}…); features reused" + warn + relabel
         codes = ", ".join(f"{STATUS_NAMES.get(c, c)} {n}" for c, n in sorted(self.failed.items()))
@@ -217,7 +217,7 @@ class Summary:
             lines.append(f"  e.g. {f.sample_id} [{STATUS_NAMES.get(f.code, f.code)}]: {f.reason}")
         if loud:
             lines.append(f"WARNING: {self.n_failed} of {self.clips} rows failed; every failed row and its reason: "
-                         f"avcl-cache info {self.store}")
+                         f"avcl-cache info --failures {self.store}")
         for err in self.task_errors:
             lines.append(f"  task error: {err}")
         if self.note:

@@ -246,6 +246,10 @@ def test_a_run_with_many_failed_rows_says_so_and_fails_when_none_is_usable(avcl_
                                      *SIGNAL_ARGS, "--cache-dir", str(tmp_path / "cache"), "--no-progress",
                                      "--device", "cpu"])
     assert again.exit_code == 1 and "already complete" in again.output
+    from avcl_core.cli_cache import main as cache_cli
+
+    listed = CliRunner().invoke(cache_cli, ["info", "--failures", str(_only_store(tmp_path / "cache"))])
+    assert listed.exit_code == 0 and "missing\tmissing-file\t" in listed.output and "text\tunreadable\t" in listed.output
     assert "WARNING: 3 of 3 rows of this store failed (missing-file 1, unreadable 1, zero-length 1)" in again.output
 
 
