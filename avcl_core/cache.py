@@ -559,7 +559,7 @@ class FeatureStore:
         with _held_lock:
             token = _held.pop(str(path), None)
         got = _read_claim(path)
-        if got is not None and (token is None or got[0].get("token") in (None, token)):
+        if got is not None and got[0].get("token") in (None, token):  # ours (or a token-less one), not a successor's
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
