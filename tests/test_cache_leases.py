@@ -81,3 +81,17 @@ def test_unclaim_removes_claims_and_says_whose_they_were(tmp_path):
     assert res.exit_code == 0 and "2 claims removed" in res.output and "shards 0 looked live" in res.output
     assert st.claims() == {} and st.claim(0)
     st.release(0)
+
+
+def test_a_writer_whose_claim_was_taken_over_neither_writes_nor_removes_the_new_claim(tmp_path):
+    from extract import runner
+
+    st = _store(tmp_path)
+    assert st.claim(0)
+    _foreign_claim(st, 0, age=0.0)  # our lease expired meanwhile; node-17 took the shard over
+    assert not st.holds(0)
+    buf = runner._ShardBuffer(st, 0)
+    res = runner._write_shard(st, buf)
+    assert res.lost and st.done_marker(0) is None
+    st.release(0)
+    assert st.claim_holder(0)["host"] == "node-17"
