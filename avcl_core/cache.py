@@ -9,12 +9,18 @@ row order):
 - ``status`` (N,) uint8: 0 pending, 1 ok, > 1 an error code (:data:`STATUS_NAMES`);
 - ``valid_len`` (N,) float32: seconds of real content in the clip window
   (the rest is padding);
-- ``labels`` (N,) int32 manifest class id (first label of multi-source rows,
-  all of them in ``labels_multi`` (N, L) padded with -1);
 - ``sample_id`` (N,) str;
 - extra row arrays of their own dtype, written with the shard (attribute
   ``extras`` = {name: {"shape", "dtype"}}), e.g. the ground-truth ``masks``
   (N, F, H, W) uint8 and ``mask_valid`` (N, F) uint8 of segmentation datasets.
+
+Stores written by the extractor hold no labels: their rows are keyed by content
+(:func:`content_hash`), and labels, class names and splits come from a manifest at
+training time, by default ``<store>/manifest.jsonl`` (:meth:`FeatureStore.manifest`).
+Stores made with ``create_store(..., labels=True)`` (e.g. AV-CIL imports, whose key
+covers the whole manifest) also hold ``labels`` (N,) int32, the manifest class id
+(first label of multi-source rows, all of them in ``labels_multi`` (N, L) padded
+with -1), and the class list in ``attrs["classes"]``.
 
 Every array is sharded on the row axis with the same ``rows_per_shard``
 (shards of about 16–32 MB, smaller inner chunks, zstd + crc32c). The shard is
@@ -22,7 +28,9 @@ the unit of work and of writing: a writer encodes all rows of a shard, writes
 them in one aligned assignment per array, then writes the shard's done-marker
 ``_shards/<i>.done.json`` (row range, failures with reasons, a sha256 of every
 array's bytes). A crash redoes at most that shard. Writers claim a shard with an
-exclusive ``_shards/<i>.claim`` file, so two writers never encode the same shard.
+exclusive ``_shards/<i>.claim`` file, so two writers never encode the same shard; a
+claim carries a lease that its holder's heartbeat keeps alive (:data:`CLAIM_LEASE_S`),
+and a stale claim is taken over from any host (:func:`claim_state`).
 
 The group attributes hold the full key material, ``key``, ``status``
 (``building`` → ``complete``), counts, library versions, creation time and host.
@@ -31,11 +39,13 @@ that is incomplete or whose key differs from the one asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -49,7 +59,12 @@ import zarr.codecs as zc
 
 from .manifest import Manifest, canonical_hash
 
-SCHEMA_VERSION = 1
+# 2: rows keyed by content (media, window, sample id; not labels or splits), no labels
+# array in extracted stores, the decoder identity in the key material.
+SCHEMA_VERSION = 2
+MANIFEST_FILE = "manifest.jsonl"
+#: The manifest fields the features of a row depend on (:func:`content_hash`).
+CONTENT_FIELDS = ("sample_id", "video", "start", "end", "frames", "masks", "audio")
 # The store directory also holds `_shards/` and `manifest.jsonl`, which zarr does not know.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 TARGET_SHARD_BYTES = 24 << 20
@@ -66,6 +81,11 @@ STATUS_NO_AUDIO = 4
 STATUS_NO_VIDEO = 5
 STATUS_EMPTY = 6
 STATUS_ENCODE_ERROR = 7
+#: Failures that retrying may fix (an encoder that ran out of device memory once): a shard
+#: with such rows is not final until it has been tried :data:`MAX_ATTEMPTS` times.
+#: Missing, unreadable, track-less or empty media fail the same way every time.
+RETRYABLE_CODES = frozenset({STATUS_ENCODE_ERROR})
+MAX_ATTEMPTS = 3
 STATUS_NAMES = {
     STATUS_PENDING: "pending",
     STATUS_OK: "ok",
@@ -85,6 +105,23 @@ class StoreError(RuntimeError):
 def compute_key(material: Mapping) -> str:
     """sha256 of the canonical JSON of the schema version and the key material."""
     return canonical_hash({"schema": SCHEMA_VERSION, **material})
+
+
+def content_rows(manifest: Manifest) -> list[dict]:
+    """Each row of ``manifest`` reduced to :data:`CONTENT_FIELDS` (fields it lacks left out)."""
+    return [{k: r[k] for k in CONTENT_FIELDS if r.get(k) not in (None, "")} for r in manifest.rows]
+
+
+def content_hash(manifest: Manifest) -> str:
+    """sha256 of what a store's rows are computed from: per row in order, the sample id,
+    the media paths relative to the dataset root (``video``, ``frames``, ``masks``,
+    ``audio``) and the window (``start``/``end``).
+
+    Labels, class names, splits and ``subset`` are left out, so relabelling a manifest
+    or moving clips between splits keeps the store; so is the dataset root, so a
+    dataset moved to another disk keeps it too.
+    """
+    return canonical_hash(content_rows(manifest))
 
 
 def store_path(root: str | os.PathLike, dataset: str, encoder: str, key: str) -> str:
@@ -147,25 +184,129 @@ def _array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _move_dead_claim(path: Path, dead: dict) -> None:
-    """Move the claim file at ``path`` aside if it still is ``dead`` (a dead writer's claim).
+# -- claims and their leases ------------------------------------------------------
+#: Seconds a claim stays valid without a heartbeat. Its holder refreshes the claim file's
+#: modification time every ``CLAIM_LEASE_S / 10`` s while it works on the shard; a claim
+#: not refreshed for longer was left by a writer that died, hung, or lost its host, and
+#: any writer on any host takes it over. Generous, because hosts' clocks differ.
+CLAIM_LEASE_S = float(os.environ.get("AVCL_CLAIM_LEASE_S", 300))
 
-    Contenders on this host (the only ones that take claims over) serialise on a lock
-    file: a contender that judged the claim dead after another had already replaced it
-    with a fresh claim must leave that fresh claim alone, or both would write the shard.
+_held: dict[str, str] = {}  # claim file -> token, for every claim this process holds
+_held_lock = threading.Lock()
+_heartbeat: threading.Thread | None = None
+
+
+def _read_claim(path: Path) -> tuple[dict, float] | None:
+    """(holder, age of its heartbeat in seconds) of the claim file at ``path``; None if absent.
+    An empty or half-written file reads as ``{}``."""
+    try:
+        text = path.read_text()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), age
+
+
+def claim_state(path: Path, holder: dict, age: float) -> str:
+    """``'live'``, ``'stale'`` (take it over) or ``'writing'`` (being created right now) for
+    a claim file holding ``holder`` whose heartbeat is ``age`` seconds old.
+
+    Stale: its lease expired (no heartbeat for ``holder['lease_s']`` s, any host); or it
+    names this host and a process that is not running; or it names this very process
+    but is not a claim this process holds (left by an earlier process that had the same
+    pid, e.g. a restarted container). An empty claim is stale after
+    :data:`EMPTY_CLAIM_TIMEOUT_S`.
     """
-    import fcntl
+    if not holder:
+        return "stale" if age > EMPTY_CLAIM_TIMEOUT_S else "writing"
+    if age > float(holder.get("lease_s", CLAIM_LEASE_S)):
+        return "stale"
+    if holder.get("host") == socket.gethostname() and holder.get("pid"):
+        pid = int(holder["pid"])
+        if pid == os.getpid():
+            with _held_lock:
+                mine = _held.get(str(path))
+            return "live" if mine is not None and mine == holder.get("token") else "stale"
+        if not _pid_alive(pid):
+            return "stale"
+    return "live"
 
-    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            now = json.loads(path.read_text() or "{}")
-        except FileNotFoundError:
-            return
-        except json.JSONDecodeError:  # half-written by a writer that died while claiming
-            now = {}
-        if now == dead:
-            path.rename(path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}"))
+
+def _take_over(path: Path, dead: dict) -> None:
+    """Remove the stale claim ``dead`` at ``path`` unless another writer already did.
+
+    Contenders on any host race through a hard link to a tombstone named after the
+    dead claim: only one link succeeds, so a contender that judged the claim dead after
+    another had already replaced it with a fresh claim leaves that fresh claim alone.
+    """
+    try:
+        mtime = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return
+    tomb = path.with_name(f"{path.name}.stale-{dead.get('token') or dead.get('pid') or 'empty'}-"
+                          f"{dead.get('time', mtime) if dead else mtime}")
+    try:
+        os.link(path, tomb)
+    except (FileExistsError, FileNotFoundError):
+        return  # another contender took it over, or it was released
+    try:
+        now = json.loads(tomb.read_text() or "{}")
+    except (FileNotFoundError, json.JSONDecodeError):
+        now = {}
+    if now != dead:  # the file at path changed between our look and the link: not ours to remove
+        with contextlib.suppress(FileNotFoundError):
+            tomb.unlink()
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _beat() -> None:
+    """Refresh the claims this process holds every ``CLAIM_LEASE_S / 10`` s; ends when none is held."""
+    global _heartbeat
+    last = time.monotonic()
+    while True:
+        time.sleep(min(0.25, CLAIM_LEASE_S / 10))
+        with _held_lock:
+            if not _held:
+                _heartbeat = None
+                return
+            items = list(_held.items())
+        if time.monotonic() - last < CLAIM_LEASE_S / 10:
+            continue
+        last = time.monotonic()
+        for path, token in items:
+            got = _read_claim(Path(path))
+            if got is not None and got[0].get("token") == token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(path)
+            else:  # released, or taken over after our lease expired
+                with _held_lock:
+                    if _held.get(path) == token:
+                        del _held[path]
+
+
+def _hold(path: Path, token: str) -> None:
+    global _heartbeat
+    with _held_lock:
+        _held[str(path)] = token
+        if _heartbeat is None or not _heartbeat.is_alive():
+            _heartbeat = threading.Thread(target=_beat, name="avcl-claim-heartbeat", daemon=True)
+            _heartbeat.start()
+
+
+def _write_json_atomic(target: Path, obj) -> None:
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, sort_keys=True))
+        tmp.replace(target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 @dataclass(frozen=True)
@@ -257,7 +398,35 @@ class FeatureStore:
         return [str(x) for x in self.read("sample_id")]
 
     def labels(self) -> np.ndarray:
-        return self.read("labels")
+        """Class id of each row: the ``labels`` array when the store has one, else the
+        first label of each row of the store's manifest (:meth:`manifest`)."""
+        if "labels" in self.group:
+            return self.read("labels")
+        manifest = self.manifest()
+        if manifest is None:
+            raise StoreError(f"{self.path}: no labels array and no {MANIFEST_FILE}; "
+                             "labels come from the manifest the store was extracted with")
+        return first_labels(manifest)
+
+    def manifest(self) -> Manifest | None:
+        """The manifest saved in the store (``<store>/manifest.jsonl``: sample ids in row
+        order, labels and splits of the latest extraction run on the store), or None."""
+        from .manifest import ManifestError
+
+        path = f"{self._root.rstrip('/')}/{MANIFEST_FILE}"
+        try:
+            with self._fs.open(path, "r", encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{self.path}/{MANIFEST_FILE}:{lineno}: not valid JSON ({e.msg})") from None
+        return Manifest(rows, source=f"{self.path}/{MANIFEST_FILE}")
 
     def row_status(self) -> np.ndarray:
         return self.read("status")
@@ -300,6 +469,42 @@ class FeatureStore:
         done = self.done_shards()
         return [i for i in range(self.n_shards) if i not in done]
 
+    def attempts(self, i: int) -> int:
+        """How many times shard ``i`` was tried and deferred (its retry marker), 0 if never."""
+        try:
+            with self._fs.open(self._marker(i, "retry.json"), "r") as f:
+                return int(json.load(f).get("attempts", 0))
+        except FileNotFoundError:
+            return 0
+        except ValueError:  # a damaged retry marker counts as one attempt
+            return 1
+
+    def defer_shard(self, i: int, failures: Iterable[ShardFailure], attempts: int | None = None,
+                    release: bool = True) -> dict:
+        """Leave shard ``i`` pending for a retry: write its retry marker (``attempts``, default
+        one more than before; the failures) and release this writer's claim. No row is written."""
+        self._require_writable()
+        n = self.attempts(i) + 1 if attempts is None else int(attempts)
+        marker = {"shard": i, "attempts": n, "host": socket.gethostname(), "pid": os.getpid(),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "failed": [{"sample_id": f.sample_id, "code": f.code, "reason": f.reason} for f in failures]}
+        _write_json_atomic(Path(self._marker(i, "retry.json")), marker)
+        if release:
+            self.release(i)
+        return marker
+
+    def retryable_shards(self) -> list[int]:
+        """Done shards whose done-marker lists rows failed for a reason retrying may fix."""
+        out = []
+        for i in sorted(self.done_shards()):
+            try:
+                marker = self.done_marker(i) or {}
+            except ValueError:  # a damaged marker is verify_store's to report
+                continue
+            if any(f.get("code") in RETRYABLE_CODES for f in marker.get("failed", [])):
+                out.append(i)
+        return out
+
     # -- writing ----------------------------------------------------------------
     def _require_writable(self) -> None:
         if not self.writable:
@@ -310,56 +515,87 @@ class FeatureStore:
     def claim(self, i: int) -> bool:
         """Claim shard ``i`` for this process; False if done or held by a live writer.
 
-        A claim left by a dead process on this host is taken over atomically
-        (rename), so a killed extraction resumes its shards.
+        The claim file holds host, pid, a random token and the lease length
+        (:data:`CLAIM_LEASE_S`); a thread of this process refreshes its modification
+        time (the heartbeat) until :meth:`release` or :meth:`write_shard`. A stale
+        claim (:func:`claim_state`: lease expired on any host, a dead process on this
+        host, this pid but not this process's claim) is taken over atomically.
         """
         self._require_writable()
         if self.done_marker(i) is not None:
             return False
         path = Path(self._marker(i, "claim"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-        for _ in range(3):
+        for _ in range(20):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(path.read_text() or "{}")
-                except (FileNotFoundError, json.JSONDecodeError):
-                    holder = {}
-                if holder.get("host") == me["host"] and holder.get("pid") and not _pid_alive(int(holder["pid"])):
-                    _move_dead_claim(path, holder)
+                got = _read_claim(path)
+                if got is None:
                     continue
-                if not holder:  # being written right now, or its writer died while writing it
-                    try:
-                        age = time.time() - path.stat().st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if age > EMPTY_CLAIM_TIMEOUT_S:
-                        _move_dead_claim(path, {})
-                        continue
+                state = claim_state(path, *got)
+                if state == "stale":
+                    _take_over(path, got[0])
+                    continue
+                if state == "writing":
                     time.sleep(0.05)
                     continue
                 return False
+            token = uuid.uuid4().hex
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "token": token,
+                  "lease_s": CLAIM_LEASE_S}
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            _hold(path, token)
             if self.done_marker(i) is not None:  # finished by another writer meanwhile
                 self.release(i)
                 return False
             return True
         return False
 
+    def holds(self, i: int) -> bool:
+        """Whether this process still holds its claim on shard ``i`` (not taken over)."""
+        path = Path(self._marker(i, "claim"))
+        with _held_lock:
+            token = _held.get(str(path))
+        got = _read_claim(path)
+        return token is not None and got is not None and got[0].get("token") == token
+
     def release(self, i: int) -> None:
-        try:
-            Path(self._marker(i, "claim")).unlink()
-        except FileNotFoundError:
-            pass
+        """Remove this process's claim on shard ``i`` (a claim another writer took over is left)."""
+        path = Path(self._marker(i, "claim"))
+        with _held_lock:
+            token = _held.pop(str(path), None)
+        got = _read_claim(path)
+        if got is not None and got[0].get("token") in (None, token):  # ours (or a token-less one), not a successor's
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def claim_holder(self, i: int) -> dict | None:
-        try:
-            return json.loads(Path(self._marker(i, "claim")).read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        """The claim file of shard ``i`` (host, pid, token, lease_s, time), or None."""
+        got = _read_claim(Path(self._marker(i, "claim")))
+        return None if got is None else got[0]
+
+    def claims(self) -> dict[int, tuple[dict, float, str]]:
+        """Every claimed shard: ``{i: (holder, heartbeat age in s, claim_state)}``."""
+        out = {}
+        for p in sorted(Path(self._root, SHARDS_DIR).glob("*.claim")):
+            got = _read_claim(p)
+            if got is not None:
+                out[int(p.name.split(".")[0])] = (*got, claim_state(p, *got))
+        return out
+
+    def unclaim(self, shards: Iterable[int] | None = None) -> dict[int, tuple[dict, float, str]]:
+        """Remove the claims on ``shards`` (default: all) whoever holds them; returns what was removed."""
+        self._require_writable()
+        want = None if shards is None else {int(i) for i in shards}
+        removed = {}
+        for i, info in self.claims().items():
+            if want is None or i in want:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(self._marker(i, "claim")).unlink()
+                removed[i] = info
+        return removed
 
     def write_shard(
         self,
@@ -377,6 +613,9 @@ class FeatureStore:
         rows = self.shard_rows(i)
         n = rows.stop - rows.start
         digests = {}
+        unknown = set(extras or {}) - set(self.extras)
+        if unknown:
+            raise StoreError(f"{self.path}: shard {i}: {sorted(unknown)} are not extra row arrays of this store")
         for name, shape in self.streams.items():
             if name not in features:
                 raise StoreError(f"{self.path}: shard {i} lacks stream {name!r}")
@@ -401,6 +640,7 @@ class FeatureStore:
         digests["valid_len"] = _array_digest(valid_len)
         marker = {
             "shard": i,
+            "attempts": self.attempts(i) + 1,
             "rows": [rows.start, rows.stop],
             "ok": int((status == STATUS_OK).sum()),
             "failed": [{"sample_id": f.sample_id, "code": f.code, "reason": f.reason} for f in failures],
@@ -409,10 +649,9 @@ class FeatureStore:
             "pid": os.getpid(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        target = Path(self._marker(i, "done.json"))
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(marker, sort_keys=True))
-        tmp.replace(target)
+        _write_json_atomic(Path(self._marker(i, "done.json")), marker)
+        with contextlib.suppress(FileNotFoundError):
+            Path(self._marker(i, "retry.json")).unlink()
         self.release(i)
         return marker
 
@@ -467,10 +706,13 @@ def create_store(
     dtype: str = "float16",
     rows_per_shard: int | None = None,
     extras: Mapping[str, tuple[tuple[int, ...], str]] | None = None,
+    labels: bool = True,
 ) -> FeatureStore:
     """Create a building store at ``path``, or reopen it to resume when its key matches.
 
     ``extras``: extra row arrays, name -> (per-row shape, dtype), sharded like the streams.
+    ``labels``: also store the manifest's labels (``labels``, ``labels_multi``) and
+    class list (``attrs["classes"]``); only for stores whose key covers them.
 
     Creation is atomic: the group is built in a temporary sibling directory and
     renamed into place, so two extractors starting at once end up sharing one store.
@@ -507,17 +749,8 @@ def create_store(
     for name, dt in (("status", "uint8"), ("valid_len", "float32")):
         group.create_array(name, shape=(n,), dtype=dt, chunks=(per_shard,), shards=(per_shard,),
                            compressors=compressors, fill_value=0)
-    labels = [r["label"] for r in manifest]
-    first = np.array([lab[0] if isinstance(lab, list) else lab for lab in labels], dtype=np.int32)
-    group.create_array("labels", shape=(n,), dtype="int32", chunks=(n,), compressors=compressors)[:] = first
-    if any(isinstance(lab, list) for lab in labels):
-        width = max(len(lab) if isinstance(lab, list) else 1 for lab in labels)
-        multi = np.full((n, width), -1, dtype=np.int32)
-        for j, lab in enumerate(labels):
-            lab = lab if isinstance(lab, list) else [lab]
-            multi[j, : len(lab)] = lab
-        group.create_array("labels_multi", shape=multi.shape, dtype="int32", chunks=multi.shape,
-                           compressors=compressors)[:] = multi
+    if labels:
+        _write_labels(group, manifest, compressors)
     ids = group.create_array("sample_id", shape=(n,), dtype=str, chunks=(n,))
     ids[:] = np.array(manifest.sample_ids, dtype=object)
     group.attrs.update(
@@ -527,7 +760,7 @@ def create_store(
             "key_material": dict(key_material),
             "status": "building",
             "dataset": manifest.dataset,
-            "classes": manifest.classes(),
+            **({"classes": manifest.classes()} if labels else {}),
             "n_rows": n,
             "rows_per_shard": per_shard,
             "rows_per_chunk": per_chunk,
@@ -547,6 +780,27 @@ def create_store(
 
         shutil.rmtree(tmp, ignore_errors=True)
     return _reopen_for_writing(path, key)
+
+
+def first_labels(manifest: Manifest) -> np.ndarray:
+    """int64 (N,): each row's class id (the first one of a multi-source row)."""
+    return np.array([r["label"][0] if isinstance(r["label"], list) else r["label"] for r in manifest.rows],
+                    dtype=np.int64)
+
+
+def _write_labels(group: zarr.Group, manifest: Manifest, compressors) -> None:
+    n = len(manifest)
+    labels = [r["label"] for r in manifest]
+    group.create_array("labels", shape=(n,), dtype="int32", chunks=(n,),
+                       compressors=compressors)[:] = first_labels(manifest).astype(np.int32)
+    if any(isinstance(lab, list) for lab in labels):
+        width = max(len(lab) if isinstance(lab, list) else 1 for lab in labels)
+        multi = np.full((n, width), -1, dtype=np.int32)
+        for j, lab in enumerate(labels):
+            lab = lab if isinstance(lab, list) else [lab]
+            multi[j, : len(lab)] = lab
+        group.create_array("labels_multi", shape=multi.shape, dtype="int32", chunks=multi.shape,
+                           compressors=compressors)[:] = multi
 
 
 def _reopen_for_writing(path: str, key: str) -> FeatureStore:
@@ -634,7 +888,10 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
         if marker is None:
             bad.append((i, "no done-marker (shard never finished)"))
             continue
-        for name in names:
+        for name in names + sorted(set(marker.get("sha256", {})) - set(names)):
+            if name not in store.group:
+                bad.append((i, f"{name}: array missing (its shard digest is in the done-marker)"))
+                continue
             try:
                 data = store.group[name][rows]
             except Exception as e:  # noqa: BLE001 - any decode failure is corruption
@@ -645,7 +902,7 @@ def verify_store(store: FeatureStore) -> list[tuple[int, str]]:
                 bad.append((i, f"{name}: shape {data.shape} != {want_shape}"))
             elif marker.get("sha256", {}).get(name) not in (None, _array_digest(data)):
                 bad.append((i, f"{name}: sha256 differs from the done-marker"))
-    for name in ("labels", "sample_id") + (("labels_multi",) if "labels_multi" in store.group else ()):
+    for name in [a for a in ("labels", "labels_multi", "sample_id") if a in store.group]:
         try:
             store.group[name][...]
         except Exception as e:  # noqa: BLE001

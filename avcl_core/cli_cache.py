@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .cache import STATUS_OK, FeatureStore, StoreError, find_stores, open_store
+from .cache import RETRYABLE_CODES, STATUS_OK, FeatureStore, StoreError, find_stores, open_store
 from .manifest import ManifestError
 from .paths import default_cache_root
 from .verify import check_store, corrupt_shards, plan_repair, run_repair
@@ -96,7 +96,7 @@ def describe(store: FeatureStore) -> dict:
         "rows_failed": failed,
         "rows_pending": pending,
         "counts": a.get("counts", {}),
-        "classes": len(a.get("classes", [])),
+        "classes": len(a.get("classes") or _manifest_classes(store)),
         "rows_per_shard": store.rows_per_shard,
         "shards": store.n_shards,
         "shards_done": len(store.done_shards()),
@@ -105,6 +105,14 @@ def describe(store: FeatureStore) -> dict:
         "extract": a.get("extract"),
         "size_bytes": store.size_bytes(),
     }
+
+
+def _manifest_classes(store: FeatureStore) -> list[str]:
+    try:
+        m = store.manifest()
+    except (ManifestError, OSError):
+        return []
+    return m.classes() if m is not None else []
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,15 +176,28 @@ def ls_cmd(root: str | None, as_json: bool, storage_options: str | None) -> None
 @main.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.option("--failures", is_flag=True, help="List every failed row: sample id, status and reason.")
 @click.option("--storage-options", help=_STORAGE_HELP)
-def info_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
+def info_cmd(store: str, as_json: bool, failures: bool, storage_options: str | None) -> None:
     """Show a STORE's key material, provenance and arrays (shapes, dtypes, chunking).
 
     \b
     Example:
       avcl-cache info cache/ave/videomae-0f1e2d3c4b5a.zarr --json
+      avcl-cache info --failures cache/vggsound/vit-b16-0a1b2c3d4e5f.zarr
     """
     st = _open(store, storage_options, allow_incomplete=True)
+    if failures:
+        from .cache import STATUS_NAMES
+
+        rows = st.failures()
+        if as_json:
+            click.echo(json.dumps(rows, indent=2, sort_keys=True))
+            return
+        for f in rows:
+            click.echo(f"{f['sample_id']}\t{STATUS_NAMES.get(f['code'], f['code'])}\t{f['reason']}")
+        click.echo(f"{len(rows)} failed rows in {st.path}", err=True)
+        return
     d = describe(st)
     if as_json:
         click.echo(json.dumps(d, indent=2, sort_keys=True))
@@ -204,6 +225,58 @@ def info_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
         click.echo(f"  {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}")
 
 
+def _shard_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write shard numbers like 3,7 or 2-5", param_hint="--shards") from None
+    return out
+
+
+@main.command("unclaim")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--shards", default=None, help="Shards whose claims to remove, e.g. 3,7 or 2-5 (default: every claim).")
+def unclaim_cmd(store: str, shards: str | None) -> None:
+    """Remove the claims on shards of STORE, whoever holds them, so that a rerun redoes those shards.
+
+    A claim tells other extractors that a writer is working on a shard. Claims of
+    writers that died are taken over on their own once stale (their heartbeat is
+    older than their lease, or their process is gone on this host); this clears
+    them at once, e.g. after a cluster was torn down. Each claim is listed with its
+    host, pid, heartbeat age and whether it still looked live: removing a live
+    writer's claim lets a second writer redo its shard (same bytes, wasted work).
+
+    \b
+    Example:
+      avcl-cache unclaim cache/vggsound/vit-b16-0a1b2c3d4e5f.zarr
+      avcl-cache unclaim cache/vggsound/vit-b16-0a1b2c3d4e5f.zarr --shards 3,7
+    """
+    import zarr
+
+    st = _open(store, None, allow_incomplete=True)
+    st = FeatureStore(st.path, zarr.open_group(st.path, mode="r+"), writable=True)
+    removed = st.unclaim(_shard_list(shards))
+    if not removed:
+        click.echo(f"{st.path}: no claim" + (f" on shards {shards}" if shards else "") + " to remove")
+        return
+    for i, (holder, age, state) in sorted(removed.items()):
+        who = f"{holder.get('host', '?')} pid {holder.get('pid', '?')}" if holder else "an empty claim"
+        click.echo(f"removed claim on shard {i}: {who}, heartbeat {age:.0f} s ago ({state})")
+    live = [i for i, (_, _, state) in removed.items() if state == "live"]
+    if live:
+        click.echo(f"note: shards {','.join(map(str, sorted(live)))} looked live; if their writer is still running it "
+                   "finishes them too (same bytes)", err=True)
+    click.echo(f"{len(removed)} claims removed; run the same avcl-extract command again to finish the store")
+
+
 @main.command("verify")
 @click.argument("store")
 @click.option("--repair", is_flag=True,
@@ -212,8 +285,9 @@ def info_cmd(store: str, as_json: bool, storage_options: str | None) -> None:
 def verify_cmd(store: str, repair: bool, storage_options: str | None) -> None:
     """Re-read every chunk of STORE and check checksums, shapes and its key; exit 1 on any problem.
 
-    Each corrupt shard is named with the array at fault. With --repair, the
-    corrupt shards are re-extracted from the videos by
+    Each corrupt shard is named with the array at fault. Rows the encoder failed
+    on (a transient error such as running out of device memory) are counted. With
+    --repair, the corrupt shards and those rows' shards are re-extracted from the videos by
     `avcl-extract --repair STORE --shards i,j` (settings from the store's
     attributes), then the store is checked again.
 
@@ -224,11 +298,16 @@ def verify_cmd(store: str, repair: bool, storage_options: str | None) -> None:
     """
     st = _open(store, storage_options, allow_incomplete=True)
     problems = _report(st)
-    if not problems:
+    retry = st.retryable_shards()
+    if retry:
+        n = sum(1 for i in retry for f in st.done_marker(i).get("failed", []) if f.get("code") in RETRYABLE_CODES)
+        click.echo(f"{n} rows in shards {','.join(map(str, retry))} failed to encode (e.g. out of device memory); "
+                   + ("--repair retries them" if not repair else "retrying them"))
+    if not problems and not (repair and retry):
         return
     if not repair:
         sys.exit(1)
-    shards = corrupt_shards(problems)
+    shards = sorted(set(corrupt_shards(problems)) | set(retry))
     try:
         plan = plan_repair(st, shards)
         click.echo(f"re-extracting shards {','.join(map(str, shards))}: {' '.join(plan.command)}")

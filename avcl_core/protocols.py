@@ -26,8 +26,9 @@ Rules
   class; old classes are trimmed to the new quota. A protocol with
   ``memory_per_class = m > 0`` keeps ``m`` per class instead (``memory`` is then
   the final total ``m * len(classes)``).
-- ``select`` keeps a manifest row of ``split`` when its sample id is in the
-  protocol's list for that split (if the protocol has lists) and any of its
+- ``select`` keeps a manifest row for ``split`` when its sample id is in the
+  protocol's list for that split (if the protocol has lists; else when the row's
+  ``split`` is that split) and any of its
   labels maps to a class of the requested tasks ("overlapped" membership for
   multi-label segmentation clips).
 - ``task-free`` protocols cut the training stream into ``len(tasks)`` chunks:
@@ -250,8 +251,9 @@ class Protocol:
     def select(self, manifest: Manifest, split: str, tasks: int | Iterable[int] | None = None) -> np.ndarray:
         """Ascending manifest row indices of ``split`` that belong to ``tasks`` (all tasks if None).
 
-        A row qualifies when its ``split`` matches, its sample id is in the protocol's
-        list for ``split`` (when the protocol has lists), and any of its labels maps to
+        A row qualifies when its sample id is in the protocol's list for ``split`` (when
+        the protocol has lists; the manifest's ``split`` then plays no part) or else its
+        ``split`` matches, and any of its labels maps to
         a class of the given tasks. For a ``task-free`` protocol and ``split='train'``
         only the rows of the given tasks' stream chunks are kept.
         """
@@ -270,7 +272,9 @@ class Protocol:
         ids = None if p.splits is None else p.splits.get(split, frozenset())
         rows = []
         for i, r in enumerate(manifest.rows):
-            if r["split"] != split or (ids is not None and r["sample_id"] not in ids):
+            # a protocol that lists a split's ids decides that split (a VGGSound clip of the csv's
+            # "train" split can be in VGGSound-100's val list); otherwise the manifest's split does
+            if (r["sample_id"] not in ids) if ids is not None else (r["split"] != split):
                 continue
             labs = r["label"] if isinstance(r["label"], list) else [r["label"]]
             for lab in labs:

@@ -6,8 +6,10 @@ sha256 in its done-marker) plus the checks that tie a store to its identity:
 
 - the key material in the attributes hashes to the stored key
   (``compute_key(key_material) == key``), so edited attributes are caught;
-- ``sample_id`` / ``labels`` agree with ``<store>/manifest.jsonl`` when the
-  store carries one, and the manifest hashes to the key material's manifest hash.
+- ``sample_id`` (and ``labels``, in stores that hold them) agree with
+  ``<store>/manifest.jsonl`` when the store carries one, and the manifest hashes to
+  the key material's content hash (``content``, :func:`avcl_core.cache.content_hash`)
+  or, for stores keyed by the whole manifest, its manifest hash.
 
 A problem is ``(shard, reason)``; ``shard == -1`` means it concerns a whole array
 or the attributes and cannot be fixed by re-extracting shards.
@@ -19,7 +21,6 @@ imports the extraction code), using the settings the store recorded under
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import FeatureStore, StoreError, _is_url, compute_key, verify_store
+from .cache import FeatureStore, StoreError, _is_url, compute_key, content_hash, verify_store
 from .manifest import Manifest, ManifestError
 
 MANIFEST_FILE = "manifest.jsonl"
@@ -43,20 +44,7 @@ class RepairError(StoreError):
 
 def store_manifest(store: FeatureStore) -> Manifest | None:
     """The ``manifest.jsonl`` saved inside the store (local or fsspec URL), or None."""
-    path = f"{store._root.rstrip('/')}/{MANIFEST_FILE}"
-    try:
-        with store._fs.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{store.path}/{MANIFEST_FILE}:{lineno}: not valid JSON ({e.msg})") from None
-    return Manifest(rows, source=f"{store.path}/{MANIFEST_FILE}")
+    return store.manifest()
 
 
 def _identity_problems(store: FeatureStore) -> list[Problem]:
@@ -79,9 +67,13 @@ def _identity_problems(store: FeatureStore) -> list[Problem]:
         want = material.get(field)
         if isinstance(want, str) and len(want) == 64 and manifest.hash() != want:
             out.append((-1, f"{MANIFEST_FILE}: hashes to {manifest.hash()[:12]}…, key material says {want[:12]}…"))
+    want = material.get("content")
+    if isinstance(want, str) and content_hash(manifest) != want:
+        out.append((-1, f"{MANIFEST_FILE}: its media and windows hash to {content_hash(manifest)[:12]}…, "
+                        f"key material says {want[:12]}…"))
     try:
         ids = store.sample_ids
-        labels = store.labels()
+        labels = store.read("labels") if "labels" in store.group else None
     except Exception:  # noqa: BLE001 - already reported by verify_store as not decoding
         return out
     want_ids = manifest.sample_ids
@@ -91,6 +83,8 @@ def _identity_problems(store: FeatureStore) -> list[Problem]:
         else:
             j = next(k for k, (a, b) in enumerate(zip(ids, want_ids)) if a != b)
             out.append((-1, f"sample_id: row {j} is {ids[j]!r}, {MANIFEST_FILE} says {want_ids[j]!r}"))
+        return out
+    if labels is None:
         return out
     first = np.array([r["label"][0] if isinstance(r["label"], list) else r["label"] for r in manifest], np.int64)
     diff = np.flatnonzero(labels.astype(np.int64) != first)

@@ -20,6 +20,8 @@ Examples:
       --checkpoint vit_base_patch16_224.augreg_in21k/model.safetensors --device cuda
   avcl-extract --dataset synth --root data/synth --encoder pann-cnn14 --variant tiny --random-init
   avcl-extract --manifest my.jsonl --root /data/mine --encoder signal -o frames_per_clip=4
+  avcl-extract --dataset vggsound --root /data/vggsound --encoder sam-audio --checkpoint checkpoint.pt \\
+      --device cuda -o precision=fp32
   avcl-extract --dataset vggsound --root /data/vggsound --encoder sam-audio \\
       --checkpoint sam-audio-large/checkpoint.pt --device cuda --scheduler tcp://head:8786
   avcl-extract --repair cache/synth/signal-0a1b2c3d4e5f.zarr --shards 3,7
@@ -110,8 +112,28 @@ def encoder_options(name: str, variant, checkpoint, random_init: bool, seed: int
         raise click.UsageError(f"{name} takes no weights file (--checkpoint)")
     if "device" in params:
         opts["device"] = device
+    extra = dict(extra)
+    if "precision" in extra:
+        opts["amp"] = precision_amp(name, extra.pop("precision"), "amp" in params)
     opts.update(extra)
     return opts
+
+
+#: ``-o precision=…`` → the encoders' ``amp`` option (autocast dtype on CUDA; none = float32).
+PRECISIONS = {"fp32": None, "float32": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+              "float16": "float16"}
+
+
+def precision_amp(name: str, precision, takes_amp: bool) -> str | None:
+    """The ``amp`` option for ``-o precision=P``: ``fp32`` computes in float32 as the upstream
+    models do (no autocast; TF32 follows torch's switches, recorded in the key), ``bf16`` /
+    ``fp16`` autocast on CUDA. CPU runs are float32 whatever the choice."""
+    if not takes_amp:
+        raise click.UsageError(f"{name} has no precision option (it computes in float32)")
+    if str(precision).lower() not in PRECISIONS:
+        raise click.BadParameter(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}",
+                                 param_hint="--option")
+    return PRECISIONS[str(precision).lower()]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -224,8 +246,16 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
                               mask_size=mask_size)
     except (StoreError, ManifestError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. the cache disk is full before the first shard
+        raise click.ClickException(f"{cache_dir or default_cache_root()}: {e}; run the same command again once "
+                                   "fixed (finished shards are kept)") from None
     click.echo(summary.format())
     if summary.task_errors:
+        sys.exit(1)
+    if summary.all_failed:
+        n = sum(summary.store_counts.values()) if summary.already_complete else summary.clips
+        click.echo(f"avcl-extract: error: every one of the {n} rows failed; the store has no usable row "
+                   "(see the reasons above)", err=True)
         sys.exit(1)
     return summary
 

@@ -1,26 +1,39 @@
 """The extraction runner: manifest rows → decoded clips → frozen encoder → feature store shards.
 
 One store per (dataset, encoder configuration), at
-``store_path(cache_dir, dataset, encoder.name, key)`` with
-``key = compute_key(encoder.key_material() + {"manifest": manifest.hash(), "dataset": dataset})``.
+``store_path(cache_dir, dataset, encoder.name, key)`` with ``key = compute_key(key_material(...))``:
+the encoder's key material (name, variant, weights hash, preprocessing, layers,
+compute precision) + the decoder's identity + the numerics settings of the device
+(TF32 on CUDA) + the content hash of the manifest (sample ids, media paths, windows;
+:func:`avcl_core.cache.content_hash`). Labels, class names and splits are not in the
+key: rerunning with a relabelled manifest reuses the store and only replaces its
+``manifest.jsonl``, which is where training reads labels and splits.
 
 Work is done shard by shard (the store's unit of work and of writing):
 
-1. claim a pending shard (an exclusive claim file; a claim left by a dead process is
-   taken over), so concurrent extractors never encode the same shard;
+1. claim a pending shard (an exclusive claim file with a lease kept alive by a
+   heartbeat thread; a stale claim is taken over, see :meth:`FeatureStore.claim`), so
+   concurrent extractors on any number of hosts never encode the same shard;
 2. decode its rows in a pool of worker processes (:func:`extract.decode.decode_row`),
-   a bounded number of clips ahead, so decoding of the next shard overlaps encoding
-   of the current one;
-3. encode ``batch_size`` clips per call (frozen encoder, ``torch.inference_mode()``;
-   the encoders autocast to bf16 themselves on CUDA), cast every stream to float16;
-4. ``write_shard`` (all rows, then the done-marker), which releases the claim.
+   a bounded number of clips ahead, so decoding overlaps encoding; the processes are
+   replaced every :data:`CLIPS_PER_DECODE_WORKER` clips each, so a decoder's leak is bounded;
+3. encode ``batch_size`` decoded clips per call, across shard boundaries (frozen
+   encoder, ``torch.inference_mode()``; pinned host memory and non-blocking copies on
+   CUDA; the encoders autocast themselves on CUDA), cast every stream to float16;
+4. hand each complete shard to a writer thread: ``write_shard`` (all rows, then the
+   done-marker), which releases the claim — writing overlaps encoding.
 
 Clips that fail to decode are written as zeros with their status code and listed in
-the shard's done-marker. When no shard is pending the store is finalized
-(``status = complete``); if other live writers still hold shards, the last one finalizes.
+the shard's done-marker. A shard with a clip the encoder failed on is not written but
+deferred to the next run, up to :data:`~avcl_core.cache.MAX_ATTEMPTS` attempts. An
+OSError while writing (a full disk) stops the run with the store and its free space
+(:class:`StoreWriteError`); written shards are kept. When no shard is pending the
+store is finalized (``status = complete``); if other live writers still hold shards,
+the last one finalizes.
 
-Batches never cross a shard and are formed from the shard's decodable rows in order,
-so a shard's bytes do not depend on which process (or which run, after a crash) wrote it.
+A row's features do not depend on which process or run wrote it, up to the encoder's
+floating-point dependence on batch composition (batches span shards): with
+``batch_size=1`` and fixed ``threads`` a rerun is bit-identical.
 
 Besides the cache's attributes, the store records under ``attrs["extract"]`` how to
 redo a shard (:func:`repair`): dataset, absolute root, source manifest path, encoder
@@ -33,7 +46,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
+import sys
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -46,11 +59,11 @@ import numpy as np
 import torch
 import zarr
 
-from avcl_core.cache import (STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK, STATUS_UNREADABLE, FeatureStore,
-                             ShardFailure, StoreError, _pid_alive, compute_key, create_store, open_store, store_path,
-                             verify_store)
+from avcl_core.cache import (MAX_ATTEMPTS, RETRYABLE_CODES, STATUS_ENCODE_ERROR, STATUS_NAMES, STATUS_OK,
+                             STATUS_UNREADABLE, FeatureStore, ShardFailure, StoreError, compute_key,
+                             content_hash, create_store, open_store, store_path, verify_store)
 from avcl_core.manifest import Manifest
-from extract.decode import DecodedClip, decode_row, quiet_decoder_logs
+from extract.decode import DecodedClip, decode_row, decoder_identity, quiet_decoder_logs
 from extract.encoders.base import FeatureEncoder
 from extract.masks import MaskError, MaskSpec, mask_spec_for, read_masks, spec_of_store
 
@@ -58,6 +71,29 @@ log = logging.getLogger("avcl.extract")
 
 STORE_MANIFEST = "manifest.jsonl"
 MAX_EXAMPLES = 5
+#: A run whose failed rows exceed this fraction of the rows it wrote says so loudly.
+LOUD_FAILURE_FRACTION = 0.01
+
+
+class StoreWriteError(StoreError):
+    """Writing to the store failed (disk full, I/O error); finished shards are kept."""
+
+
+def write_error(store: FeatureStore, what: str, err: OSError) -> StoreWriteError:
+    """A :class:`StoreWriteError` naming the store, what failed, the OS error and the free space."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(store.path).free
+        space = f"{free / 2**30:.2f} GiB ({free} bytes) free on its filesystem"
+    except OSError:
+        space = "free space unknown"
+    name = errno.errorcode.get(err.errno, "") if err.errno else ""
+    cause = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "an I/O error"
+    return StoreWriteError(
+        f"{store.path}: {what} failed: {cause} ({name + ': ' if name else ''}{err.strerror or err}); {space}. "
+        "Shards already written are kept: free space (or fix the disk) and run the same command again")
 
 
 # -- results -------------------------------------------------------------------
@@ -71,6 +107,8 @@ class ShardResult:
     failures: list[ShardFailure]
     seconds: float
     pid: int = field(default_factory=os.getpid)
+    deferred: bool = False  # rows failed for a reason retrying may fix: nothing written, the shard stays pending
+    lost: bool = False  # the claim was taken over (lease expired) before the write: nothing written
 
 
 @dataclass
@@ -93,6 +131,11 @@ class Summary:
     waiting: list[int] = field(default_factory=list)
     task_errors: list[str] = field(default_factory=list)
     note: str = ""
+    relabelled: bool = False
+    deferred: list[int] = field(default_factory=list)
+    deferred_rows: int = 0
+    lost: list[int] = field(default_factory=list)
+    store_counts: dict[str, int] = field(default_factory=dict)  # rows per status of a complete store
 
     @property
     def clips(self) -> int:
@@ -106,7 +149,29 @@ class Summary:
     def clips_per_s(self) -> float:
         return self.clips / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def failed_fraction(self) -> float:
+        return self.n_failed / self.clips if self.clips else 0.0
+
+    @property
+    def all_failed(self) -> bool:
+        """Rows were processed and not one of them is ok (nor waits for a retry); for a
+        store found complete, not one of its rows is ok."""
+        if self.already_complete:
+            return sum(self.store_counts.values()) > 0 and not self.store_counts.get("ok")
+        return self.clips > 0 and self.ok == 0 and not self.deferred
+
     def add(self, result: ShardResult) -> None:
+        if result.lost:
+            self.lost.append(result.shard)
+            return
+        if result.deferred:
+            self.deferred.append(result.shard)
+            self.deferred_rows += result.rows
+            for f in result.failures:
+                if f.code in RETRYABLE_CODES and len(self.examples) < MAX_EXAMPLES:
+                    self.examples.append(f)
+            return
         self.ok += result.ok
         for f in result.failures:
             self.failed[f.code] = self.failed.get(f.code, 0) + 1
@@ -115,8 +180,16 @@ class Summary:
         self.shards_written.append(result.shard)
 
     def format(self) -> str:
+        relabel = (f"\nlabels/splits: the store's {STORE_MANIFEST} now holds this run's manifest "
+                   "(labels, class names or splits changed; the features depend on neither)" if self.relabelled else "")
         if self.already_complete:
-            return f"already complete: {self.store} (key {self.key[:12]}…); nothing to do"
+            stored = {k: v for k, v in self.store_counts.items() if k != "ok"}
+            failed, total = sum(stored.values()), sum(self.store_counts.values())
+            warn = (f"\nWARNING: {failed} of {total} rows of this store failed ("
+                    + ", ".join(f"{k} {v}" for k, v in sorted(stored.items()))
+                    + f"); their reasons: avcl-cache info --failures {self.store}"
+                    if total and failed / total > LOUD_FAILURE_FRACTION else "")
+            return f"already complete: {self.store} (key {self.key[:12]}…); features reused" + warn + relabel
         codes = ", ".join(f"{STATUS_NAMES.get(c, c)} {n}" for c, n in sorted(self.failed.items()))
         lines = [
             f"store   {self.store}",
@@ -130,13 +203,27 @@ class Summary:
             f"speed   {self.clips_per_s:.2f} clips/s ({self.clips} clips, {len(self.shards_written)} shards "
             f"in {self.seconds:.1f} s)",
         ]
+        if self.deferred:
+            lines.append(f"retry   {self.deferred_rows} rows ({len(self.deferred)} shards: {_ranges(self.deferred)}) "
+                         "had rows the encoder failed on (e.g. out of device memory); they were not written and "
+                         "are retried by the next run of the same command")
+        if self.lost:
+            lines.append(f"lost    shards {_ranges(self.lost)}: this writer's claim expired and another writer "
+                         "took them over (the heartbeat stopped for longer than the lease); not written here")
+        loud = self.failed_fraction > LOUD_FAILURE_FRACTION
+        if loud:
+            lines.insert(0, f"WARNING: {self.n_failed} of {self.clips} rows failed ({100 * self.failed_fraction:.1f} %): "
+                            f"{codes}" + ("; NO row is usable" if self.all_failed else ""))
         for f in self.examples:
             lines.append(f"  e.g. {f.sample_id} [{STATUS_NAMES.get(f.code, f.code)}]: {f.reason}")
+        if loud:
+            lines.append(f"WARNING: {self.n_failed} of {self.clips} rows failed; every failed row and its reason: "
+                         f"avcl-cache info --failures {self.store}")
         for err in self.task_errors:
             lines.append(f"  task error: {err}")
         if self.note:
             lines.append(self.note)
-        return "\n".join(lines)
+        return "\n".join(lines) + relabel
 
 
 def _ranges(ix: Iterable[int]) -> str:
@@ -145,13 +232,34 @@ def _ranges(ix: Iterable[int]) -> str:
 
 
 # -- store helpers -------------------------------------------------------------
-def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str, masks: MaskSpec | None = None) -> dict:
-    """The store's key material: the encoder's, plus the manifest hash and dataset name
-    (and the ground-truth mask spec when the store carries masks, :mod:`extract.masks`)."""
-    out = {**encoder.key_material(), "manifest": manifest.hash(), "dataset": dataset}
+def device_numerics(device: torch.device) -> dict:
+    """Settings of this process that change float32 results on ``device``: on CUDA whether
+    matmuls and convolutions run in TF32 (torch's switches, as they are when the run
+    starts); nothing on CPU, whose float32 kernels have no such switch."""
+    if device.type != "cuda":
+        return {}
+    return {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def key_material(encoder: FeatureEncoder, manifest: Manifest, dataset: str | None = None,
+                 masks: MaskSpec | None = None) -> dict:
+    """The store's key material: what the features depend on and nothing else.
+
+    The encoder's own material, ``decoder`` (:func:`extract.decode.decoder_identity`),
+    ``numerics`` (:func:`device_numerics` of the encoder's device, when not empty) and
+    ``content`` (:func:`avcl_core.cache.content_hash`: sample ids, media paths relative
+    to the root, windows), and ``masks`` (the ground-truth mask spec, :mod:`extract.masks`)
+    when the store carries masks. ``dataset`` names the store's folder and is not part of it.
+    """
+    material = {**encoder.key_material(), "decoder": decoder_identity(), "content": content_hash(manifest)}
+    numerics = device_numerics(encoder_device(encoder))
+    if numerics:
+        material["numerics"] = numerics
     if masks is not None:
-        out["masks"] = masks.as_dict()
-    return out
+        material["masks"] = masks.as_dict()
+    return material
 
 
 def open_writable(path: str, key: str | None = None) -> FeatureStore:
@@ -168,13 +276,26 @@ def open_writable(path: str, key: str | None = None) -> FeatureStore:
     return FeatureStore(str(path), group, writable=True)
 
 
-def _save_manifest_copy(store: FeatureStore, manifest: Manifest) -> None:
+def save_manifest(store: FeatureStore, manifest: Manifest) -> bool:
+    """Make ``manifest`` the store's ``manifest.jsonl`` (atomic replace); True when this
+    changed the labels, class names or splits recorded there before.
+
+    The caller guarantees that ``manifest`` has the store's content (same key), so
+    only what the key leaves out can differ; the features are not touched.
+    """
     target = Path(store.path) / STORE_MANIFEST
+    before = None
     if target.exists():
-        return
+        try:
+            before = Manifest.load(target).rows
+        except ValueError:  # damaged: replaced below
+            before = []
+        if before == manifest.rows:
+            return False
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     manifest.save(tmp)
     os.replace(tmp, target)
+    return before is not None
 
 
 def prepare_store(
@@ -192,30 +313,48 @@ def prepare_store(
     A segmentation dataset's store also holds its ground-truth masks
     (:func:`extract.masks.mask_spec_for`; ``mask_size`` overrides their default side).
 
-    Saves the manifest as ``<store>/manifest.jsonl`` and records ``info`` under
+    Saves the manifest as ``<store>/manifest.jsonl`` (:func:`save_manifest`; a
+    relabelled manifest replaces the one there) and records ``info`` under
     ``attrs["extract"]`` when the store does not have them yet.
     """
+    return _prepare(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info,
+                    mask_size=mask_size)[0]
+
+
+def _prepare(manifest, encoder, cache_dir, *, dataset, rows_per_shard, info,
+             mask_size=None) -> tuple[FeatureStore, bool]:
     dataset = dataset or manifest.dataset
     masks = mask_spec_for(manifest, encoder.preprocess, dataset, mask_size)
-    material = key_material(encoder, manifest, dataset, masks)
+    material = key_material(encoder, manifest, masks=masks)
     key = compute_key(material)
     path = store_path(cache_dir, dataset, encoder.name, key)
     store = create_store(path, key_material=material, manifest=manifest, streams=encoder.streams(),
-                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard,
+                         dtype=encoder.stored_dtype, rows_per_shard=rows_per_shard, labels=False,
                          extras=masks.arrays() if masks is not None else None)
-    if store.status != "complete":
-        _save_manifest_copy(store, manifest)
-        if "extract" not in store.attrs:
-            store.update_attrs({"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
-    return store
+    relabelled = save_manifest(store, manifest)
+    if store.status != "complete" and "extract" not in store.attrs:
+        store.update_attrs({"extract": dict(info or {"dataset": dataset, "encoder": encoder.name})})
+    return store, relabelled
 
 
 # -- decoding pool -------------------------------------------------------------
+def _exit_with_parent(parent: int) -> None:
+    # A forked worker keeps the pool's pipes open itself, so it never sees its parent die:
+    # without this, a SIGKILLed extraction would leave its decoding processes behind for good.
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def _init_decode_worker() -> None:
     # one thread per decoding process: the processes are the parallelism
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     quiet_decoder_logs()
+    import threading
+
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="avcl-parent-watch", daemon=True).start()
 
 
 def decode_pool(workers: int) -> Executor | None:
@@ -229,6 +368,12 @@ def decode_pool(workers: int) -> Executor | None:
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_decode_worker)
 
 
+#: Decoding processes are replaced after this many clips each (on average), like
+#: ``max_tasks_per_child``: memory a decoding library leaks per clip (decord's audio
+#: reader did) cannot grow without bound in a long extraction.
+CLIPS_PER_DECODE_WORKER = 32
+
+
 class _Decoders:
     """Decoding jobs on a pool of ``workers`` processes (None: in this process).
 
@@ -238,13 +383,24 @@ class _Decoders:
     ``STATUS_UNREADABLE`` and the run goes on.
     """
 
-    def __init__(self, workers: int, root, preprocess):
+    def __init__(self, workers: int, root, preprocess, clips_per_worker: int | None = None):
         self.workers, self.root, self.pp = workers, root, preprocess
         self.pool = decode_pool(workers)
+        self.recycle_after = max(1, workers) * (clips_per_worker or CLIPS_PER_DECODE_WORKER)
+        self.submitted = 0
+        self.recycled = 0
 
     def submit(self, row: dict):
         if self.pool is None:
             return None
+        if self.submitted >= self.recycle_after and isinstance(self.pool, ProcessPoolExecutor):
+            # fresh processes: whatever a decoding library leaks per clip is bounded by one pool's share;
+            # the old pool finishes its queued clips and exits
+            old, self.pool = self.pool, decode_pool(self.workers)
+            old.shutdown(wait=False)
+            self.submitted = 0
+            self.recycled += 1
+        self.submitted += 1
         try:
             return self.pool.submit(decode_row, row, self.root, self.pp)
         except BrokenProcessPool:
@@ -306,7 +462,11 @@ def encoder_device(encoder: FeatureEncoder) -> torch.device:
 
 # -- the shard pipeline ---------------------------------------------------------
 class _ShardBuffer:
-    """Rows of one shard being assembled: zero features, status, valid_len, failures."""
+    """Rows of one shard being assembled: zero features, status, valid_len, failures.
+
+    ``unresolved`` counts rows not yet decoded, or decoded and waiting in a batch; the
+    shard is complete (ready to write) when it reaches 0.
+    """
 
     def __init__(self, store: FeatureStore, shard: int):
         self.shard = shard
@@ -317,7 +477,7 @@ class _ShardBuffer:
         self.status = np.zeros(n, dtype=np.uint8)
         self.valid_len = np.zeros(n, dtype=np.float32)
         self.failures: list[ShardFailure] = []
-        self.batch: list[tuple[int, str, DecodedClip]] = []
+        self.unresolved = n
         self.decoded_ok = 0
         self.start = time.perf_counter()
 
@@ -329,13 +489,22 @@ class _ShardBuffer:
         self.failures.append(ShardFailure(sample_id, int(code), reason))
 
 
+def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: on CUDA through pinned memory with a non-blocking copy
+    (the copy overlaps the host's next work; kernels on the stream wait for it)."""
+    t = torch.from_numpy(x)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _encode(encoder: FeatureEncoder, clips: Sequence[DecodedClip], device: torch.device) -> dict[str, np.ndarray]:
     pp = encoder.preprocess
     frames = audio = None
     if pp.num_frames:
-        frames = torch.from_numpy(np.stack([c.frames for c in clips])).to(device)
+        frames = _to_device(np.stack([c.frames for c in clips]), device)
     if pp.num_samples:
-        audio = torch.from_numpy(np.stack([c.audio for c in clips])).to(device)
+        audio = _to_device(np.stack([c.audio for c in clips]), device)
     with torch.inference_mode():
         out = encoder.encode(frames, audio)
     streams = encoder.streams()
@@ -351,30 +520,37 @@ def _encode(encoder: FeatureEncoder, clips: Sequence[DecodedClip], device: torch
     return result
 
 
-def _flush_batch(buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> None:
-    if not buf.batch:
+#: A decoded clip waiting for the encoder: (its shard's buffer, row in the shard, sample id, clip).
+_Item = tuple[_ShardBuffer, int, str, DecodedClip]
+
+
+def _encode_batch(items: list[_Item], encoder: FeatureEncoder, device: torch.device) -> None:
+    """Encode ``items`` (possibly of several shards) into their buffers; a batch that fails
+    is retried clip by clip (e.g. out of memory), a clip that fails alone is an encode error."""
+    if not items:
         return
-    batch, buf.batch = buf.batch, []
     try:
-        outs = [(batch, _encode(encoder, [c for _, _, c in batch], device))]
+        outs = [(items, _encode(encoder, [it[3] for it in items], device))]
     except StoreError:
         raise
-    except Exception:  # noqa: BLE001 - retry clip by clip (e.g. out of memory) to isolate a bad clip
+    except Exception:  # noqa: BLE001 - retry clip by clip to isolate a bad clip
         outs = []
-        for item in batch:
+        for item in items:
             try:
-                outs.append(([item], _encode(encoder, [item[2]], device)))
+                outs.append(([item], _encode(encoder, [item[3]], device)))
             except StoreError:
                 raise
             except Exception as e:  # noqa: BLE001
                 reason = f"encoder {encoder.name}: {type(e).__name__}: {e}"[:300]
-                buf.fail(item[0], item[1], STATUS_ENCODE_ERROR, reason)
-    for items, feats in outs:
-        for k, (j, _, clip) in enumerate(items):
+                item[0].fail(item[1], item[2], STATUS_ENCODE_ERROR, reason)
+    for group, feats in outs:
+        for k, (buf, j, _, clip) in enumerate(group):
             for name, arr in feats.items():
                 buf.features[name][j] = arr[k]
             buf.status[j] = STATUS_OK
             buf.valid_len[j] = clip.valid_len
+    for buf, *_ in items:
+        buf.unresolved -= 1
 
 
 def _with_masks(buf: _ShardBuffer, j: int, row: dict, root, spec: MaskSpec, pp, clip: DecodedClip) -> DecodedClip:
@@ -399,19 +575,69 @@ def clear_shard(store: FeatureStore, i: int) -> None:
             (Path(store.path) / name / key).unlink()
 
 
-def _finish_shard(store: FeatureStore, buf: _ShardBuffer, encoder: FeatureEncoder, device: torch.device) -> ShardResult:
-    _flush_batch(buf, encoder, device)
-    ok = int((buf.status == STATUS_OK).sum())
-    if buf.decoded_ok and not ok:
+def _check_shard(store: FeatureStore, buf: _ShardBuffer) -> None:
+    """Stop the run when the encoder failed on every decodable clip of a shard: a broken
+    encoder or device, not bad clips; nothing of that shard is written."""
+    if buf.decoded_ok and not int((buf.status == STATUS_OK).sum()):
         first = next(f.reason for f in buf.failures if f.code == STATUS_ENCODE_ERROR)
         raise RuntimeError(f"{store.path}: the encoder failed on every decodable clip of shard {buf.shard} "
                            f"({buf.decoded_ok} clips); first error: {first}")
-    clear_shard(store, buf.shard)
-    store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures, extras=buf.extras)
+
+
+def _write_shard(store: FeatureStore, buf: _ShardBuffer) -> ShardResult:
+    """Write a complete shard, or defer it for a retry (runs on the writer thread).
+
+    A shard with rows the encoder failed on (:data:`~avcl_core.cache.RETRYABLE_CODES`)
+    is written only once it has been tried :data:`~avcl_core.cache.MAX_ATTEMPTS` times;
+    before that nothing is written and its retry marker keeps it pending. A shard whose
+    claim another writer took over (this writer's lease expired) is left to that writer.
+    """
+    ok = int((buf.status == STATUS_OK).sum())
+    if not store.holds(buf.shard):
+        log.warning("shard %d: claim taken over by another writer (lease expired); not written here", buf.shard)
+        return ShardResult(buf.shard, len(buf.status), 0, [], time.perf_counter() - buf.start, lost=True)
+    retry = [f for f in buf.failures if f.code in RETRYABLE_CODES]
+    try:
+        if retry and store.attempts(buf.shard) + 1 < MAX_ATTEMPTS:
+            marker = store.defer_shard(buf.shard, buf.failures)
+            log.warning("shard %d: %d rows failed to encode (attempt %d of %d; e.g. %s: %s); left for a retry",
+                        buf.shard, len(retry), marker["attempts"], MAX_ATTEMPTS, retry[0].sample_id, retry[0].reason)
+            return ShardResult(buf.shard, len(buf.status), 0, list(buf.failures), time.perf_counter() - buf.start,
+                               deferred=True)
+        clear_shard(store, buf.shard)
+        store.write_shard(buf.shard, buf.features, buf.status, buf.valid_len, buf.failures, extras=buf.extras)
+    except OSError as e:
+        raise write_error(store, f"writing shard {buf.shard}", e) from e
     seconds = time.perf_counter() - buf.start
     log.info("shard %d written by pid %d: %d ok, %d failed (%.1f s)", buf.shard, os.getpid(), ok,
              len(buf.failures), seconds)
     return ShardResult(buf.shard, len(buf.status), ok, list(buf.failures), seconds)
+
+
+class _Writer:
+    """Writes complete shards on one background thread, so that writing (compression,
+    disk) overlaps decoding and encoding. At most ``depth`` shards wait to be written
+    (bounded memory); the first write error is raised in the caller's thread."""
+
+    def __init__(self, store: FeatureStore, depth: int = 2):
+        self.store, self.depth = store, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="avcl-writer")
+        self.queue: deque = deque()
+
+    def submit(self, buf: _ShardBuffer) -> list[ShardResult]:
+        self.queue.append(self.pool.submit(_write_shard, self.store, buf))
+        return self.collect(block=len(self.queue) > self.depth)
+
+    def collect(self, block: bool = False, all_: bool = False) -> list[ShardResult]:
+        """Results of finished writes, in order; waits for the oldest when ``block``, for all when ``all_``."""
+        out = []
+        while self.queue and (all_ or block or self.queue[0].done()):
+            out.append(self.queue.popleft().result())
+            block = False
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def run_shards(
@@ -428,24 +654,33 @@ def run_shards(
     """Claim, decode, encode and write shards of ``store`` until none is left to claim.
 
     ``rows[r]`` is manifest row ``r`` (a Manifest, list, or dict of the rows needed);
-    ``shards`` restricts the work to those shards. Decoding runs ``workers`` processes
-    ahead of the encoder (a window of ``max(2 * batch_size, 4 * workers)`` clips), across
-    shard boundaries. Claims this call still holds are released if it fails.
+    ``shards`` restricts the work to those shards. Three stages overlap: decoding runs
+    ``workers`` processes ahead of the encoder (a window of ``max(2 * batch_size,
+    4 * workers)`` clips), the encoder takes ``batch_size`` decoded clips at a time
+    across shard boundaries (so a small shard does not cap the batch), and a writer
+    thread writes each shard as soon as all its rows are resolved. Claims this call
+    still holds are released if it fails.
+
+    A row's features do not depend on which process or run wrote it, up to the
+    encoder's floating-point dependence on batch composition: for bit-identical
+    reruns use ``batch_size=1`` (or a batch-invariant encoder) and fixed ``threads``.
     """
     device = encoder_device(encoder)
     pp = encoder.preprocess
     allowed = None if shards is None else set(int(i) for i in shards)
     held: set[int] = set()
+    tried: set[int] = set()  # complete (written, deferred or lost) in this call: a deferred shard waits for the next run
     results: list[ShardResult] = []
     window = max(2 * batch_size, 4 * workers, 1)
     decoders = _Decoders(workers, root, pp)
     mask_spec = spec_of_store(store)
+    writer = _Writer(store)
 
     def claimed() -> Iterator[int]:
         while True:
             took = False
             for i in store.pending_shards():
-                if i in held or (allowed is not None and i not in allowed):
+                if i in held or i in tried or (allowed is not None and i not in allowed):
                     continue
                 if store.claim(i):
                     held.add(i)
@@ -469,32 +704,59 @@ def run_shards(
         i, r, job = item
         return i, r, decoders.result(job, rows[r])
 
-    buf: _ShardBuffer | None = None
+    def finished(done: list[ShardResult]) -> None:
+        for res in done:
+            results.append(res)
+            held.discard(res.shard)
+
+    open_bufs: dict[int, _ShardBuffer] = {}
+    batch: list[_Item] = []
+
+    def complete_ready() -> None:
+        for i in [i for i, b in open_bufs.items() if b.unresolved == 0]:
+            buf = open_bufs.pop(i)
+            _check_shard(store, buf)
+            tried.add(i)
+            finished(writer.submit(buf))
+
     try:
         for i, r, clip in decoded():
-            if buf is None or buf.shard != i:
-                if buf is not None:
-                    results.append(_finish_shard(store, buf, encoder, device))
-                    held.discard(buf.shard)
-                buf = _ShardBuffer(store, i)
+            buf = open_bufs.get(i)
+            if buf is None:
+                buf = open_bufs[i] = _ShardBuffer(store, i)
             j = r - buf.rows.start
             sid = rows[r]["sample_id"]
             if clip.ok and mask_spec is not None:
                 clip = _with_masks(buf, j, rows[r], root, mask_spec, pp, clip)
             if clip.ok:
                 buf.decoded_ok += 1
-                buf.batch.append((j, sid, clip))
-                if len(buf.batch) >= batch_size:
-                    _flush_batch(buf, encoder, device)
+                batch.append((buf, j, sid, clip))
+                if len(batch) >= batch_size:
+                    _encode_batch(batch, encoder, device)
+                    batch = []
             else:
                 buf.fail(j, sid, clip.status, clip.reason)
+                buf.unresolved -= 1
+            complete_ready()
+            finished(writer.collect())
             if on_row is not None:
                 on_row(1)
-        if buf is not None:
-            results.append(_finish_shard(store, buf, encoder, device))
-            held.discard(buf.shard)
+        _encode_batch(batch, encoder, device)
+        batch = []
+        complete_ready()
+        finished(writer.collect(all_=True))
+    except Exception:
+        # a bad row stopped the run: first keep the work done, i.e. encode the clips already
+        # decoded and write the shards they complete (not after a write error: the disk is full)
+        if not isinstance(sys.exc_info()[1], StoreError):
+            with contextlib.suppress(Exception):
+                _encode_batch(batch, encoder, device)
+                complete_ready()
+                writer.collect(all_=True)
+        raise
     finally:
         decoders.close()
+        writer.close()  # shards already handed over are written (or fail) before claims are released
         for i in held:  # a failure mid-shard: let another writer (or a rerun) take it
             store.release(i)
     return results
@@ -514,12 +776,11 @@ def _conclude(store: FeatureStore, summary: Summary) -> Summary:
     if not pending:
         summary.complete = store.finalize()
         return summary
-    summary.waiting = pending
-    here = socket.gethostname()
-    live = [i for i in pending if (h := store.claim_holder(i)) and h.get("pid")
-            and (h.get("host") != here or _pid_alive(int(h["pid"])))]
-    if len(live) < len(pending):
-        summary.note = (f"{len(pending) - len(live)} shards are unfinished and unclaimed; "
+    claims = store.claims()
+    summary.waiting = [i for i in pending if i in claims and claims[i][2] == "live"]
+    rest = len(pending) - len(summary.waiting)
+    if rest:
+        summary.note = (f"{rest} shards are unfinished and not held by a live writer; "
                         "run the same command again to finish them")
     return summary
 
@@ -566,10 +827,12 @@ def extract(
     t0 = time.perf_counter()
     dataset = dataset or manifest.dataset
     info = dict(info or {"dataset": dataset, "root": str(Path(root).resolve()), "encoder": encoder.name})
-    store = prepare_store(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard, info=info,
-                          mask_size=mask_size)
-    return _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
-                progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
+    store, relabelled = _prepare(manifest, encoder, cache_dir, dataset=dataset, rows_per_shard=rows_per_shard,
+                                 info=info, mask_size=mask_size)
+    summary = _run(store, manifest, root, encoder, batch_size=batch_size, workers=workers, scheduler=scheduler,
+                   progress=progress, threads=threads, encoder_factory=encoder_factory, t0=t0)
+    summary.relabelled = relabelled
+    return summary
 
 
 def _run(store, manifest, root, encoder, *, batch_size, workers, scheduler, progress, threads, encoder_factory, t0,
@@ -577,6 +840,7 @@ def _run(store, manifest, root, encoder, *, batch_size, workers, scheduler, prog
     summary = Summary(store=store.path, key=store.key, n_rows=store.n_rows, n_shards=store.n_shards)
     if store.status == "complete":
         summary.already_complete = summary.complete = True
+        summary.store_counts = dict(store.attrs.get("counts") or {})
         return summary
     allowed = None if shards is None else set(shards)
     all_pending = store.pending_shards()
@@ -619,6 +883,8 @@ def reopen_for_repair(path: str, shards: Sequence[int]) -> FeatureStore:
         raise StoreError(f"{path}: shards {bad} out of range 0..{store.n_shards - 1}")
     store.update_attrs({"status": "building"})
     for i in shards:
+        # a repair is one explicit retry: rows that fail to encode again are final (not deferred)
+        store.defer_shard(i, [], attempts=MAX_ATTEMPTS - 1, release=False)
         with contextlib.suppress(FileNotFoundError):
             Path(store._marker(i, "done.json")).unlink()
     return store
@@ -666,7 +932,8 @@ def repair(
     threads: int | None = None,
 ) -> Summary:
     """Re-extract ``shards`` of the store at ``path`` (default: the shards :func:`verify_store`
-    finds corrupt) with the encoder, manifest and root recorded in the store, then finalize.
+    finds corrupt and those with rows the encoder failed on) with the encoder, manifest and
+    root recorded in the store, then finalize.
 
     The rebuilt encoder must give the store's key (same weights file, options and
     device precision), else nothing is touched.
@@ -678,24 +945,24 @@ def repair(
         bad = verify_store(ro)
         if any(i < 0 for i, _ in bad):
             raise StoreError(f"{path}: {[r for i, r in bad if i < 0]}: row metadata is corrupt; re-extract the store")
-        shards = sorted({i for i, _ in bad})
+        shards = sorted({i for i, _ in bad} | set(ro.retryable_shards()))
     shards = sorted(set(int(i) for i in shards))
     summary = Summary(store=ro.path, key=ro.key, n_rows=ro.n_rows, n_shards=ro.n_shards)
     if not shards:
         summary.complete = ro.status == "complete"
-        summary.note = "nothing to repair: every shard verifies"
+        summary.note = "nothing to repair: every shard verifies and no row failed to encode"
         return summary
     manifest_file = Path(path) / STORE_MANIFEST
     if not manifest_file.exists():
         raise StoreError(f"{path}: no {STORE_MANIFEST} in the store; cannot tell which clips its rows are")
     manifest = Manifest.load(manifest_file)
-    if manifest.hash() != ro.key_material.get("manifest"):
-        raise StoreError(f"{manifest_file}: manifest hash differs from the store's key material")
+    if content_hash(manifest) != ro.key_material.get("content"):
+        raise StoreError(f"{manifest_file}: its media and windows differ from the store's key material")
     root = root if root is not None else info.get("root")
     if not root:
         raise StoreError(f"{path}: the store does not record the dataset root; pass root")
     encoder = encoder_from_info(info, device)
-    material = key_material(encoder, manifest, ro.key_material.get("dataset", ro.dataset), spec_of_store(ro))
+    material = key_material(encoder, manifest, masks=spec_of_store(ro))
     if compute_key(material) != ro.key:
         diff = sorted(k for k in set(material) | set(ro.key_material) if material.get(k) != ro.key_material.get(k))
         raise StoreError(f"{path}: the encoder rebuilt from the recorded options gives another key "

@@ -150,3 +150,20 @@ def test_a_too_short_key_prefix_is_refused(tmp_path):
     _fill(st)
     with pytest.raises(C.StoreError, match="at least 6"):
         C.open_store(str(tmp_path / "s.zarr"), key="")
+
+
+def test_write_shard_takes_extra_row_arrays_in_their_own_dtype_and_verify_hashes_them(tmp_path):
+    st = C.create_store(str(tmp_path / "s.zarr"), key_material=_material(), manifest=_manifest(4),
+                        streams={"audio": (2,)}, rows_per_shard=2)
+    st.group.create_array("masks", shape=(4, 3, 3), dtype="uint8", chunks=(2, 3, 3), shards=(2, 3, 3))
+    masks = np.arange(4 * 9, dtype=np.uint8).reshape(4, 3, 3)
+    for i in (0, 1):
+        rows = st.shard_rows(i)
+        st.write_shard(i, {"audio": np.ones((2, 2))}, np.ones(2), np.ones(2), extra={"masks": masks[rows]})
+    assert st.finalize() and st.read("masks").dtype == np.uint8
+    np.testing.assert_array_equal(C.open_store(st.path).read("masks"), masks)
+    assert "masks" in st.done_marker(1)["sha256"] and C.verify_store(st) == []
+    st.group["masks"][2:4] = 0  # damaged after the fact
+    assert [(i, r.split(":")[0]) for i, r in C.verify_store(st)] == [(1, "masks")]
+    with pytest.raises(C.StoreError, match="not an extra row array"):
+        st.write_shard(0, {"audio": np.ones((2, 2))}, np.ones(2), np.ones(2), extra={"nope": masks[:2]})

@@ -347,7 +347,7 @@ def test_verify_repair_says_when_videos_are_unreachable(tmp_path, monkeypatch):
     assert res.exit_code != 0 and "records no extraction settings" in res.output
 
 
-@pytest.mark.parametrize("cmd", [[], ["ls"], ["info"], ["verify"], ["pack"], ["unpack"], ["import-avcil"]])
+@pytest.mark.parametrize("cmd", [[], ["ls"], ["info"], ["verify"], ["unclaim"], ["pack"], ["unpack"], ["import-avcil"]])
 def test_every_command_has_help_with_an_example(cmd):
     res = _run(*cmd, "--help")
     assert res.exit_code == 0 and "Example" in res.output

@@ -104,6 +104,8 @@ def test_extract_writes_values_statuses_and_reports_failures(avcl_media_dir, tmp
     for sid in ("noaudio", "truncated", "zero", "missing", "text"):
         assert re.search(rf"e\.g\. {sid} \[", text), text
     assert "no-audio-track 1" in text and "unreadable 2" in text and s.store in text and s.key in text
+    assert text.startswith("WARNING: 5 of 8 rows failed (62.5 %): missing-file 1, unreadable 2, no-audio-track 1, "
+                           "zero-length 1\n") and not s.all_failed
     # batches of 2 inside each shard: shard 0 = ok, ok2, short -> (2, 1); the others have no decodable clip
     assert enc.calls == [2, 1]
 
@@ -134,18 +136,121 @@ def test_extract_writes_values_statuses_and_reports_failures(avcl_media_dir, tmp
     assert enc.calls == [2, 1]  # nothing encoded
 
 
-def test_encoder_errors_are_isolated_per_clip(avcl_media_dir, tmp_path):
-    class Picky(TinyEncoder):
-        def encode(self, frames, audio):
-            if (frames.float().mean(dim=(1, 2, 3, 4)) > 85).any():  # ok.mp4 (mean grey 100), not short.mp4 (70)
-                raise RuntimeError("synthetic encoder failure")
-            return super().encode(frames, audio)
+class Picky(TinyEncoder):
+    """Fails on any batch holding ok.mp4 (mean grey 100; short.mp4 is 70), ``fails`` times (None: always)."""
 
+    def __init__(self, fails=None):
+        super().__init__()
+        self.fails = fails
+
+    def encode(self, frames, audio):
+        if (frames.float().mean(dim=(1, 2, 3, 4)) > 85).any() and (self.fails is None or self.fails > 0):
+            if self.fails is not None:
+                self.fails -= 1
+            raise RuntimeError("CUDA out of memory (synthetic)")
+        return super().encode(frames, audio)
+
+
+def test_encoder_errors_are_isolated_per_clip_and_final_after_the_last_attempt(avcl_media_dir, tmp_path):
     m = _rows(["ok.mp4", "short.mp4"], avcl_media_dir)
+    for attempt in range(1, C.MAX_ATTEMPTS):
+        s = extract(m, avcl_media_dir, Picky(), tmp_path, batch_size=2, workers=0, progress=False)
+        # the batch fails, then clip by clip: ok.mp4 fails alone; the shard waits for a retry, nothing is written
+        assert not s.complete and s.deferred == [0] and s.ok == 0 and s.failed == {}
+        assert "retry   2 rows" in s.format() and "CUDA out of memory" in s.format()
+        assert C.open_store(s.store, allow_incomplete=True).attempts(0) == attempt
     s = extract(m, avcl_media_dir, Picky(), tmp_path, batch_size=2, workers=0, progress=False)
-    # the batch fails, then clip by clip: ok.mp4 fails alone, short.mp4 is encoded
-    assert s.ok == 1 and s.failed == {C.STATUS_ENCODE_ERROR: 1}
-    assert "synthetic encoder failure" in s.examples[0].reason and s.examples[0].sample_id == "ok"
+    assert s.complete and s.ok == 1 and s.failed == {C.STATUS_ENCODE_ERROR: 1}
+    assert "CUDA out of memory" in s.examples[0].reason and s.examples[0].sample_id == "ok"
+    st = C.open_store(s.store)
+    assert st.done_marker(0)["attempts"] == C.MAX_ATTEMPTS and st.retryable_shards() == [0]
+    assert st.row_status().tolist() == [C.STATUS_ENCODE_ERROR, C.STATUS_OK]
+
+
+def test_a_transient_encoder_error_is_retried_by_the_next_run(avcl_media_dir, tmp_path):
+    m = _rows(["ok.mp4", "short.mp4", "ok2.mp4", "noaudio.mp4"], avcl_media_dir)
+    ref = extract(m, avcl_media_dir, TinyEncoder(), tmp_path / "ref", batch_size=2, workers=0, progress=False,
+                  rows_per_shard=2)
+    # one out-of-memory error on the first batch and again on ok.mp4 alone: shard 0 is deferred, shard 1 written
+    s = extract(m, avcl_media_dir, Picky(fails=2), tmp_path, batch_size=2, workers=0, progress=False,
+                rows_per_shard=2)
+    assert not s.complete and s.deferred == [0] and s.shards_written == [1]
+    assert "run the same command again" in s.format()
+    again = extract(m, avcl_media_dir, TinyEncoder(), tmp_path, batch_size=2, workers=0, progress=False)
+    assert again.complete and again.shards_written == [0] and again.ok == 2 and again.failed == {}
+    st = C.open_store(again.store)
+    assert st.row_status().tolist() == [1, 1, 1, C.STATUS_NO_AUDIO] and st.retryable_shards() == []
+    _assert_same_arrays(again.store, ref.store)
+
+
+def test_repair_retries_rows_that_failed_to_encode(avcl_media_dir, tmp_path, monkeypatch):
+    m = _rows(["ok.mp4", "short.mp4", "ok2.mp4"], avcl_media_dir)
+    monkeypatch.setattr(runner_module, "MAX_ATTEMPTS", 1)  # final at once, as after the last attempt
+    s = extract(m, avcl_media_dir, Picky(), tmp_path, batch_size=2, workers=0, progress=False)
+    assert s.complete and s.failed == {C.STATUS_ENCODE_ERROR: 2}
+    assert C.open_store(s.store).retryable_shards() == [0]
+    from avcl_core.cli_cache import main as cache_cli
+
+    res = CliRunner().invoke(cache_cli, ["verify", s.store])
+    assert res.exit_code == 0 and "2 rows in shards 0 failed to encode" in res.output, res.output
+    monkeypatch.setattr(runner_module, "encoder_from_info", lambda info, device=None: TinyEncoder())
+    fixed = runner_module.repair(s.store, workers=0, progress=False)
+    assert fixed.complete and fixed.shards_written == [0] and fixed.ok == 3
+    st = C.open_store(s.store)
+    assert st.row_status().tolist() == [1, 1, 1] and st.retryable_shards() == []
+
+
+def test_a_full_disk_stops_with_the_store_and_free_space_then_resumes(avcl_synth_root, signal_reference, tmp_path,
+                                                                      monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    real_put, calls = local._put, []
+
+    def full_disk(path, value, exclusive=False):
+        calls.append(path)
+        if "/visual/c/" in str(path) and len([c for c in calls if "/visual/c/" in str(c)]) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full_disk)
+    args = ["--dataset", "synth", "--root", str(avcl_synth_root), "--encoder", "signal", *SIGNAL_ARGS,
+            "--cache-dir", str(tmp_path), "--rows-per-shard", "1", "--batch-size", "1", "--threads", "1",
+            "--workers", "0", "--no-progress", "--device", "cpu"]
+    res = CliRunner().invoke(cli, args)
+    store = _only_store(tmp_path)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"Error: {store}: writing shard 2 failed: the disk is full (ENOSPC: No space left on device)" in res.output
+    assert re.search(r"\d+\.\d\d GiB \(\d+ bytes\) free", res.output) and "run the same command again" in res.output
+    # shards 0 and 1 are kept (and any the writer thread already had in hand), shard 2 is not done, no claim is left
+    done = sorted(_markers(store))
+    assert done[:2] == [0, 1] and 2 not in done and len(done) < 12 and not list(store.glob("_shards/*.claim"))
+    monkeypatch.setattr(local, "_put", real_put)  # space freed
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and f"skipped {len(done)} rows ({len(done)} shards already done)" in res.output, \
+        res.output
+    _assert_same_arrays(store, signal_reference)
+
+
+def test_a_run_with_many_failed_rows_says_so_and_fails_when_none_is_usable(avcl_media_dir, tmp_path):
+    path = _rows(["missing.mp4", "text.mp4", "zero.mp4"], avcl_media_dir).save(tmp_path / "m.jsonl")
+    res = CliRunner().invoke(cli, ["--manifest", str(path), "--root", str(avcl_media_dir), "--encoder", "signal",
+                                   *SIGNAL_ARGS, "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+                                   "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("WARNING: 3 of 3 rows failed (100.0 %): missing-file 1, unreadable 1, zero-length 1; "
+                                 "NO row is usable")
+    assert "e.g. missing [missing-file]" in res.output and "every one of the 3 rows failed" in res.output
+    again = CliRunner().invoke(cli, ["--manifest", str(path), "--root", str(avcl_media_dir), "--encoder", "signal",
+                                     *SIGNAL_ARGS, "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                                     "--device", "cpu"])
+    assert again.exit_code == 1 and "already complete" in again.output
+    from avcl_core.cli_cache import main as cache_cli
+
+    listed = CliRunner().invoke(cache_cli, ["info", "--failures", str(_only_store(tmp_path / "cache"))])
+    assert listed.exit_code == 0 and "missing\tmissing-file\t" in listed.output and "text\tunreadable\t" in listed.output
+    assert "WARNING: 3 of 3 rows of this store failed (missing-file 1, unreadable 1, zero-length 1)" in again.output
 
 
 def test_shard_held_by_a_live_writer_is_left_to_it(avcl_media_dir, tmp_path):
@@ -160,6 +265,46 @@ def test_shard_held_by_a_live_writer_is_left_to_it(avcl_media_dir, tmp_path):
     store.release(1)
     s = extract(m, avcl_media_dir, enc, tmp_path, workers=0, progress=False)
     assert s.complete and s.shards_written == [1] and s.skipped_shards == 1 and s.skipped_rows == 2
+
+
+def test_batches_span_shards_and_give_the_same_rows_as_batches_of_one(avcl_media_dir, tmp_path):
+    import threading
+
+    m = _rows(["ok.mp4", "ok2.mp4", "missing.mp4", "short.mp4", "noaudio.mp4"], avcl_media_dir)
+    one = extract(m, avcl_media_dir, TinyEncoder(), tmp_path / "one", batch_size=1, workers=0, progress=False,
+                  rows_per_shard=1)
+    enc, writers = TinyEncoder(), set()
+    real = C.FeatureStore.write_shard
+
+    def spy(self, *a, **kw):
+        writers.add(threading.current_thread().name)
+        return real(self, *a, **kw)
+
+    C.FeatureStore.write_shard = spy
+    try:
+        s = extract(m, avcl_media_dir, enc, tmp_path / "three", batch_size=3, workers=2, progress=False,
+                    rows_per_shard=1)
+    finally:
+        C.FeatureStore.write_shard = real
+    # one-row shards, yet the encoder sees full batches: ok, ok2, short (missing and noaudio fail decoding)
+    assert enc.calls == [3] and s.complete and s.ok == 3
+    assert {w.split("_")[0] for w in writers} == {"avcl-writer"}  # shards are written off the encoding thread
+    _assert_same_arrays(s.store, one.store)
+
+
+def test_decoding_processes_are_recycled_and_every_clip_comes_back(avcl_media_dir):
+    enc = TinyEncoder()
+    d = runner_module._Decoders(2, avcl_media_dir, enc.preprocess, clips_per_worker=1)
+    try:
+        rows = _rows(["ok.mp4", "ok2.mp4", "short.mp4", "missing.mp4"], avcl_media_dir).rows
+        rows = rows[:3] + [{**rows[0], "sample_id": "ok-again"}] + rows[3:]
+        jobs = [(r, d.submit(r)) for r in rows]
+        clips = [d.result(job, r) for r, job in jobs]
+    finally:
+        d.close()
+    assert d.recycled == 2  # a fresh pool after every 2 clips (2 workers x 1 clip): 5 clips, 3 pools
+    assert [c.status for c in clips] == [1, 1, 1, 1, C.STATUS_MISSING]
+    np.testing.assert_array_equal(clips[0].frames, clips[3].frames)
 
 
 def _crashing_decode(row, root, preprocess):
@@ -212,7 +357,8 @@ def test_cli_signal_store_contract_and_rerun(avcl_synth_root, tmp_path):
     assert st.read("valid_len").tolist() == [1.0] * 12 and st.row_status().tolist() == [1] * 12
     manifest = Manifest.load(avcl_synth_root / "manifest.jsonl")
     assert st.sample_ids == manifest.sample_ids and list(st.labels()) == [r["label"] for r in manifest]
-    assert st.key_material["manifest"] == manifest.hash() and st.key_material["dataset"] == "synth"
+    assert st.key_material["content"] == C.content_hash(manifest) and st.dataset == "synth"
+    assert "labels" not in st.group and "classes" not in st.attrs  # labels come from the manifest
     rec = st.attrs["extract"]
     assert rec["dataset"] == "synth" and rec["root"] == str(avcl_synth_root.resolve())
     assert rec["encoder"] == "signal" and rec["encoder_options"] == with_device("signal", SIGNAL_OPTS, "cpu")
@@ -237,6 +383,17 @@ def test_cli_own_manifest_with_bad_clips(avcl_media_dir, tmp_path):
         assert f"e.g. {sid} [" in res.output
     st = C.open_store(_only_store(tmp_path / "cache"))
     assert st.dataset == "media" and st.attrs["extract"]["manifest"] == str(path.resolve())
+
+
+def test_precision_option_selects_the_encoders_compute_dtype():
+    from click import UsageError
+
+    from extract.cli import encoder_options
+
+    assert encoder_options("sam-audio", "tiny", None, True, 0, "cuda", {"precision": "fp32"})["amp"] is None
+    assert encoder_options("vit-b16", "tiny", None, True, 0, "cuda", {"precision": "bf16"})["amp"] == "bfloat16"
+    with pytest.raises(UsageError, match="no precision option"):
+        encoder_options("signal", None, None, False, 0, "cpu", {"precision": "fp32"})
 
 
 def test_cli_errors_name_the_problem(avcl_synth_root, tmp_path):
@@ -414,3 +571,97 @@ def test_repair_rewrites_corrupt_shards(avcl_synth_root, signal_reference, tmp_p
     assert res.exit_code == 0 and "ok      2" in res.output, res.output
     assert sorted(_markers(store)[i]["pid"] == os.getpid() for i in (2, 7)) == [True, True]
     _assert_same_arrays(store, signal_reference)
+
+
+# -- many writers, many crashes (slow) ------------------------------------------------
+def _run_to_completion(args, timeout=300):
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_extractors_on_one_store_give_the_uninterrupted_store(avcl_synth_root, signal_reference, tmp_path, n):
+    args = _cli_args(avcl_synth_root, tmp_path, "--workers", "0", "-v")
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, outs
+    written = Counter(int(s) for _, err in outs for s, _ in re.findall(r"shard (\d+) written by pid (\d+)", err))
+    assert written == Counter(range(12)), written  # every shard encoded exactly once
+    store = _only_store(tmp_path)
+    assert C.open_store(store).status == "complete" and not list(store.glob("_shards/*.claim"))
+    _assert_same_arrays(store, signal_reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_20_random_moments_then_rerun_gives_the_uninterrupted_store(avcl_synth_root, signal_reference,
+                                                                              tmp_path):
+    import random
+
+    # the 12 synth clips 3 times (36 one-row shards), so that the extraction phase is long enough to land in
+    base = Manifest.load(avcl_synth_root / "manifest.jsonl")
+    manifest = Manifest([{**r, "sample_id": f"{r['sample_id']}-{k}"} for k in range(3) for r in base]).save(
+        tmp_path / "repeated.jsonl")
+
+    def args(cache):
+        return _cli("--manifest", manifest, "--root", avcl_synth_root, "--encoder", "signal", *SIGNAL_ARGS,
+                    "--cache-dir", cache, "--rows-per-shard", "1", "--batch-size", "1", "--threads", "1",
+                    "--no-progress", "--device", "cpu", "--workers", "1")
+
+    def start_and_wait_for_store(cache):
+        proc = subprocess.Popen(args(cache), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not list(Path(cache).glob("*/*.zarr/_shards")) and proc.poll() is None:
+            assert time.time() < deadline, "no store appeared"
+            time.sleep(0.01)
+        return proc
+
+    proc = start_and_wait_for_store(tmp_path / "timing")
+    t = time.perf_counter()
+    while len(list((tmp_path / "timing").glob("*/*.zarr/_shards/*.done.json"))) < 36:
+        assert proc.poll() is None or proc.returncode == 0
+        time.sleep(0.01)
+    extracting = time.perf_counter() - t  # from the store's creation to its last shard written
+    assert proc.wait(timeout=300) == 0
+    ref = _arrays(signal_reference)
+    rng = random.Random(0)
+    states = Counter()
+    for k in range(20):
+        cache = tmp_path / f"run{k}"
+        proc = start_and_wait_for_store(cache)
+        time.sleep(rng.uniform(0.0, extracting))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = len(list(_only_store(cache).glob("_shards/*.done.json")))
+        states["finished" if done == 36 else "mid-run"] += 1
+        _run_to_completion(args(cache))
+        store = _only_store(cache)
+        assert C.open_store(store).status == "complete", k
+        got = _arrays(store)
+        for name in ("status", "valid_len", *C.open_store(store).streams):
+            assert got[name].tobytes() == np.concatenate([ref[name]] * 3).tobytes(), (k, name)
+    assert states["mid-run"] >= 10, states  # most kills landed while shards were being written
+
+
+@pytest.mark.slow
+def test_decoding_processes_exit_when_their_extraction_is_killed(avcl_synth_root, tmp_path):
+    proc = subprocess.Popen(_cli_args(avcl_synth_root, tmp_path, "--workers", "2"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    children: list[int] = []
+    while not children:
+        assert proc.poll() is None and time.time() < deadline, "no decoding process started"
+        try:
+            children = [int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except FileNotFoundError:
+            pytest.skip("no /proc children list on this system")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]
+              for c in children if Path(f"/proc/{c}/stat").exists()):
+        assert time.time() < deadline, f"decoding processes {children} outlived their killed parent"
+        time.sleep(0.1)

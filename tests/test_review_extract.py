@@ -139,8 +139,8 @@ def test_pack_leaves_out_claim_lock_files(tmp_path):
     st = C.create_store(path, key_material=MATERIAL, manifest=_manifest(), streams={"audio": (2,)}, rows_per_shard=4)
     claim = tmp_path / "toy" / "s.zarr" / C.SHARDS_DIR / "000000.claim"
     claim.write_text(json.dumps({"host": socket.gethostname(), "pid": 999_999_999, "time": 0.0}))
-    _write_all(st)  # takes the dead claim over, leaving its lock file
-    assert st.finalize() and (claim.parent / "000000.claim.lock").exists()
+    _write_all(st)  # takes the dead claim over, leaving its tombstone
+    assert st.finalize() and list(claim.parent.glob("000000.claim.stale-*"))
     res = pack_store(path, tmp_path / "out.tar")
     with tarfile.open(res.archive) as tar:
         names = tar.getnames()

@@ -20,9 +20,12 @@ Stream shapes are normalised to three axes (N, T, D): a clip-level stream
 (N, D) becomes (N, 1, D); a dense stream (N, T, P, D) becomes (N, T*P, D)
 (tokens ordered time-major).
 
-Splits come from the manifest the primary store was extracted from,
+Labels and splits come from the manifest saved with the primary store,
 ``<store>/manifest.jsonl`` (row ``i`` of the manifest is row ``i`` of the
-store); a store without it may carry a ``split`` array instead.
+store), never from the feature arrays: a store is keyed by its rows' media and
+windows only, and rerunning ``avcl-extract`` with a relabelled manifest updates
+that file without touching the features. A store without it may carry
+``split`` and ``labels`` arrays instead (AV-CIL imports).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from avcl_core.cache import STATUS_NAMES, STATUS_OK, FeatureStore, StoreError, open_store
+from avcl_core.cache import STATUS_NAMES, STATUS_OK, FeatureStore, StoreError, first_labels, open_store
 from avcl_core.manifest import Manifest, ManifestError
 
 log = logging.getLogger("avcl.train")
@@ -261,16 +264,17 @@ class FeatureSet:
             if bad.any():
                 excluded[f"status not ok in {st.path}"] = int(bad.sum())
             usable &= ~bad
-            labels_here, labels_primary = st.labels()[np.maximum(rows, 0)], primary.labels()
-            cls_here = list(st.attrs.get("classes") or [])
-            cls_primary = list(primary.attrs.get("classes") or [])
-            if cls_here == cls_primary:
+            # labels come from the manifests (the stores hold none): two stores must agree on them
+            other = load_store_manifest(st)
+            if other is not None and other.classes() == manifest.classes():
+                labels_here, labels_primary = first_labels(other)[np.maximum(rows, 0)], first_labels(manifest)
                 clash = usable & (labels_here != labels_primary)
                 if clash.any():
                     j = int(np.flatnonzero(clash)[0])
                     raise FeatureSetError(
                         f"sample {ids[j]!r} has label {int(labels_primary[j])} in {primary.path} but "
-                        f"{int(labels_here[j])} in {st.path}: the stores were extracted from different manifests"
+                        f"{int(labels_here[j])} in {st.path}: the stores carry different manifests; run avcl-extract "
+                        "with the same manifest on both (their features are reused, only the labels change)"
                     )
             other_rows[i] = rows
         keep = np.flatnonzero(usable)
@@ -294,7 +298,7 @@ class FeatureSet:
             stream_map.setdefault(i, {})[name] = store_stream
         sources = [StoreInfo(st.path, st.key, st.encoder, st.dataset, stream_map.get(i, {}))
                    for i, st in enumerate(stores)]
-        class_ids = primary.labels().astype(np.int64)[keep]
+        class_ids = first_labels(manifest)[keep]
         return cls(tensors, class_ids, keep.astype(np.int64), [ids[r] for r in keep], manifest, sources, excluded)
 
 
