@@ -154,16 +154,15 @@ def test_a_too_short_key_prefix_is_refused(tmp_path):
 
 def test_write_shard_takes_extra_row_arrays_in_their_own_dtype_and_verify_hashes_them(tmp_path):
     st = C.create_store(str(tmp_path / "s.zarr"), key_material=_material(), manifest=_manifest(4),
-                        streams={"audio": (2,)}, rows_per_shard=2)
-    st.group.create_array("masks", shape=(4, 3, 3), dtype="uint8", chunks=(2, 3, 3), shards=(2, 3, 3))
+                        streams={"audio": (2,)}, rows_per_shard=2, extras={"masks": ((3, 3), "uint8")})
     masks = np.arange(4 * 9, dtype=np.uint8).reshape(4, 3, 3)
     for i in (0, 1):
         rows = st.shard_rows(i)
-        st.write_shard(i, {"audio": np.ones((2, 2))}, np.ones(2), np.ones(2), extra={"masks": masks[rows]})
+        st.write_shard(i, {"audio": np.ones((2, 2))}, np.ones(2), np.ones(2), extras={"masks": masks[rows]})
     assert st.finalize() and st.read("masks").dtype == np.uint8
     np.testing.assert_array_equal(C.open_store(st.path).read("masks"), masks)
     assert "masks" in st.done_marker(1)["sha256"] and C.verify_store(st) == []
     st.group["masks"][2:4] = 0  # damaged after the fact
     assert [(i, r.split(":")[0]) for i, r in C.verify_store(st)] == [(1, "masks")]
-    with pytest.raises(C.StoreError, match="not an extra row array"):
-        st.write_shard(0, {"audio": np.ones((2, 2))}, np.ones(2), np.ones(2), extra={"nope": masks[:2]})
+    with pytest.raises(C.StoreError, match="not extra row arrays"):
+        st.write_shard(0, {"audio": np.ones((2, 2))}, np.ones(2), np.ones(2), extras={"nope": masks[:2]})
