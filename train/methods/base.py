@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,6 +125,11 @@ class Method:
         if tr is not None and tr.problem.kind != "classification":
             return tr.problem.loss(batch, out)
         return {"ce": F.cross_entropy(out["logits"], batch["y"])}
+
+    def rehearsal(self, task: int, exemplars: np.ndarray) -> np.ndarray:
+        """Exemplar indices that task ``task`` trains with (repeats allowed), given the memory's;
+        called once per task after the previous model is frozen. Default: the memory as it is."""
+        return exemplars
 
     def after_backward(self) -> None:
         """Called after ``loss.backward()``, before the optimiser step (e.g. to edit gradients)."""
