@@ -15,7 +15,7 @@ are used here, so masks and features always describe the same picture):
   from ``i / fps`` (``fps`` from the row's render tag ``subset``); every sampled
   frame has ground truth.
 * AVSBench S4 / MS3 (image folders): the frame images ``…_<k>.png`` (the row's
-  ``frames`` glob, name order, as decoded) and the masks ``…_<k>.png`` (the row's
+  ``frames`` glob, natural name order, as decoded) and the masks ``…_<k>.png`` (the row's
   ``masks`` glob) are paired by their trailing number ``k``. A sampled frame whose
   number has no mask file has no ground truth: S4 train clips annotate only
   ``_1``, so only the frame sampled from image 1 is valid.
@@ -153,19 +153,29 @@ def _read_png(path: str, sid: str) -> np.ndarray:
         raise MaskError(f"sample {sid!r}: mask {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
+def _natural_key(path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", Path(path).name)]
+
+
 def _image_folder_frames(row: dict, root) -> list[str]:
-    """Frame image paths in the order :mod:`extract.decode` reads them (sorted names)."""
+    """Frame image paths in the order :mod:`extract.decode` reads them (natural name order)."""
     from extract.decode import IMAGE_SUFFIXES
 
-    pattern = row.get("frames") or row.get("video")
-    p = _resolve(root, str(pattern))
-    if any(c in str(pattern) for c in "*?["):
+    pattern = str(row.get("frames") or row.get("video"))
+    try:
+        from avcl_core.manifest import image_sequence  # the manifest's own definition, where it has one
+    except ImportError:
+        image_sequence = None
+    if image_sequence is not None:
+        return [str(f) for f in image_sequence(pattern, root)]
+    p = _resolve(root, pattern)
+    if any(c in pattern for c in "*?["):
         files = [f for f in glob.glob(str(p)) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     elif p.is_dir():
         files = [str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
     else:
         files = []
-    return [str(f) for f in sorted(Path(f) for f in files)]
+    return sorted(files, key=_natural_key)
 
 
 def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
