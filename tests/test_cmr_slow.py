@@ -1,7 +1,7 @@
 """CMR against random rehearsal of the same memory and against finetune on synth-sem-8-2, 3 seeds.
 
 Renders the 12-class synth dataset (10 clips per class: 6 train / 2 val / 2 test;
-48-pixel frames, 1 s), extracts ``signal`` features (4 frames, 8 x 8 dense grid)
+32-pixel frames, 1 s), extracts ``signal`` features (4 frames, 8 x 8 dense grid)
 with 32-pixel masks, and trains the shipped ``synth-sem-8-2`` protocol (background
 + 8 classes, then two steps of 2; background shift; 5 clips per class) with
 ``cmr``, with ``cmr --set mss=false --set csr=false`` (PLOP's losses with random
@@ -36,7 +36,7 @@ def sem_store(tmp_path_factory):
     data, cache = root / "data", root / "cache"
     py = sys.executable
     subprocess.run([py, "-c", "from avcl_core import synth; import sys; synth.render(sys.argv[1], classes=12, "
-                    "clips_per_class=10, seed=0, size=48, seconds=1.0, fps=8)", str(data)],
+                    "clips_per_class=10, seed=0, size=32, seconds=1.0, fps=8)", str(data)],
                    check=True, capture_output=True)
     subprocess.run([py, "-m", "extract.cli", "--dataset", "synth", "--root", str(data), "--encoder", "signal",
                     "-o", "frames_per_clip=4", "-o", "image_size=32", "-o", "dense_grid=8", "-o", "clip_seconds=1.0",

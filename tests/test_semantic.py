@@ -190,8 +190,8 @@ def test_semantic_rows_equal_confusion_matrices_of_the_final_predictions(sem_dat
 def test_methods_run_end_to_end_on_synth_sem_and_write_semantic_results(sem_data, tmp_path):
     proto = sem_data["protocols"]["synth-sem-2-1"]
     res = train_main(["--cache", sem_data["store"], "--protocol", proto,
-                      "--method", "cmr,plop,mib,finetune,joint,lwf", "--out", str(tmp_path), *TINY])
-    assert [r["status"] for r in res] == ["ok"] * 6, [r.get("traceback") or r.get("message") for r in res]
+                      "--method", "cmr,plop,mib,finetune,joint,lwf,ewc", "--out", str(tmp_path), *TINY])
+    assert [r["status"] for r in res] == ["ok"] * 7, [r.get("traceback") or r.get("message") for r in res]
     for r in res:
         d = Path(r["run_dir"])
         cfg = json.loads((d / "config.json").read_text())

@@ -13,7 +13,8 @@ memory, optimiser, evaluation, checkpoints and logs; a method only says
 * whether it distils from the model of the previous task (:attr:`Method.uses_teacher`):
   the trainer then snapshots that model and precomputes its outputs once per task
   on every sample the task trains on (features are fixed, so these never change);
-* and the hooks ``before_task``, ``loss``, ``after_backward``, ``after_task``, ``predict``.
+* and the hooks ``before_task``, ``loss``, ``after_backward``, ``after_task``, ``predict``
+  (and ``rehearsal``: the exemplars a task trains with, e.g. a resampled buffer).
 
 Label space: the trainer numbers classes in order of arrival, so task ``t``
 owns the contiguous output units ``[offsets[t], offsets[t+1])`` and a sample is
