@@ -215,3 +215,32 @@ def test_si_path_integral_by_hand():
     total = shifts[0] + shifts[1]
     expect = torch.clamp(omega / (total ** 2 + 1e-3), min=0)
     torch.testing.assert_close(path.importance(1e-3)["w"], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_pann_per_second_tokens_pool_the_frame_map():
+    enc = build_encoder("pann-cnn14", variant="tiny", clip_seconds=5.0, per_second=True, amp=None)
+    assert enc.streams()["audio_seconds"] == (5, 128)
+    wav = torch.from_numpy(np.random.default_rng(0).normal(0, 0.1, (2, 32000 * 5)).astype(np.float32))
+    out = enc.encode(None, wav)
+    dense, sec = out["audio_dense"], out["audio_seconds"]
+    T = dense.shape[1]
+    for s in range(5):  # adaptive average pooling bins: [floor(s T / 5), ceil((s + 1) T / 5))
+        lo, hi = (s * T) // 5, -(-((s + 1) * T) // 5)
+        torch.testing.assert_close(sec[:, s], dense[:, lo:hi].mean(dim=1))
+    assert "audio_seconds" not in build_encoder("pann-cnn14", variant="tiny", clip_seconds=5.0).streams()
+
+
+@pytest.mark.parametrize("method", ["atlas", "lwf"])
+def test_an_interrupted_segmentation_run_resumes_to_the_same_matrices(seg_data, tmp_path, method):
+    from train_fixtures import Interrupted, interrupt_before_task
+
+    full = _trainer(seg_data, "cil", method=method, run_dir=tmp_path / "full", epochs=1).fit()
+    tr = interrupt_before_task(_trainer(seg_data, "cil", method=method, run_dir=tmp_path / "cut", epochs=1), 1)
+    with pytest.raises(Interrupted):
+        tr.fit()
+    res = _trainer(seg_data, "cil", method=method, run_dir=tmp_path / "cut", epochs=1).fit(resume=True)
+    assert res.resumed_from == 1
+    for m in METRICS:
+        np.testing.assert_array_equal(res.extra["matrices"][m], full.extra["matrices"][m])
+        np.testing.assert_array_equal(read_acc_matrix(tmp_path / "cut" / "matrices" / f"{m}.csv"),
+                                      full.extra["matrices"][m])

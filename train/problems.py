@@ -170,7 +170,8 @@ class SegmentationProblem(Problem):
         valid = store.read("mask_valid")[rows]
         if masks.shape[1] != frames:
             raise TrainError(f"{store.path}: masks have {masks.shape[1]} frames, the visual stream {frames}")
-        self.masks = torch.from_numpy(np.ascontiguousarray(masks)).to(tr.device)
+        self.masks_np = np.ascontiguousarray(masks)  # host copy for the metrics (shares memory on CPU)
+        self.masks = torch.from_numpy(self.masks_np).to(tr.device)
         self.valid = torch.from_numpy(np.ascontiguousarray(valid) != 0).to(tr.device)
         self.valid_np = np.asarray(valid) != 0
         self.frames, self.grid = frames, (side, side)
@@ -329,7 +330,7 @@ class SegmentationProblem(Problem):
         ap, f1 = S.PixelAPAccumulator(), S.FScoreAccumulator(beta2=1.0)
         dice = S.DiceAccumulator()
         video_f, video_iou = [], []
-        masks = self.masks.cpu().numpy() if self.masks.device.type != "cpu" else self.masks.numpy()
+        masks = self.masks_np
         for ii, prob in self.probabilities(idx):
             for j, i in enumerate(ii):
                 v = self.valid_np[i]
@@ -341,10 +342,12 @@ class SegmentationProblem(Problem):
                 dice.update(p, g, from_logits=False)
                 video_f.append(_video_fscore(p, g))
                 video_iou.append(S.avsbench_miou(p, g, from_logits=False))
+        # (sum, count) pairs, so that tasks pool: the accumulators' means times their frame counts
         return {
-            "map": (ap._sum, ap.frames), "maxf1": (f1._sum.copy(), f1.frames),
+            "map": (ap.compute() * ap.frames if ap.frames else 0.0, ap.frames),
+            "maxf1": (f1.curve() * f1.frames if f1.frames else np.zeros_like(f1.thresholds), f1.frames),
             "fscore": (float(np.sum(video_f)), len(video_f)), "miou": (float(np.sum(video_iou)), len(video_iou)),
-            "dice": (dice._dice_sum, dice.frames),
+            "dice": (dice.compute()["mean"] * dice.frames if dice.frames else 0.0, dice.frames),
         }
 
     @staticmethod
@@ -393,7 +396,7 @@ class SegmentationProblem(Problem):
         idx, frames = self.overlay_frames()
         probs = np.concatenate([p for _, p in self.probabilities(idx)]) if idx.size else \
             np.zeros((0, self.frames, *self.mask_size), np.float32)
-        masks = self.masks.cpu().numpy()
+        masks = self.masks_np
         k = np.arange(idx.size)
         tmp = run_dir / "overlays.tmp.npz"
         np.savez_compressed(

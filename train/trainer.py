@@ -558,7 +558,7 @@ class Trainer:
                 if self.run_dir is not None:
                     self._save_checkpoint(t, A, step_acc)
                 self.progress(
-                    f"task {t + 1}/{T}: {self.n_seen} classes, step {primary} {acc:.3f}, "
+                    f"task {t + 1}/{T}: {self.n_seen} classes, step {'acc' if primary == 'accuracy' else primary} {acc:.3f}, "
                     f"loss {info['loss']:.4f}, {info['seconds']:.1f} s"
                 )
         finally:

@@ -16,7 +16,10 @@ map ``m`` (C, T'), clip vector ``max_t m + mean_t m``, ``fc1`` + ReLU → the em
 ``fc_audioset`` (527 classes) is kept so upstream files load strictly, but not output.
 
 Streams: ``audio`` (1, 2048) = fc1 embedding; ``audio_dense`` (T', 2048) = the map ``m``
-over time (T' = 31 for 10 s: ``1 + L//320`` frames halved five times, rounding down).
+over time (T' = 31 for 10 s: ``1 + L//320`` frames halved five times, rounding down);
+with ``per_second=True`` also ``audio_seconds`` (S, 2048), S = ``round(clip_seconds)``: the
+map ``m`` average-pooled over time into S equal bins (``adaptive_avg_pool1d``), about one
+token per second — several audio keys per clip for cross-attention (segmentation heads).
 
 Weights: ``Cnn14_mAP=0.431.pth``: ``{'iteration', 'model': state_dict (84 keys), 'sampler'}``.
 """
@@ -210,13 +213,14 @@ class PannEncoder(FeatureEncoder):
     name = "pann-cnn14"
 
     def __init__(self, variant: str = "base", *, clip_seconds: float = 10.0, dense: bool = True,
-                 amp: str | None = "bfloat16") -> None:
+                 amp: str | None = "bfloat16", per_second: bool = False) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"pann-cnn14: unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
         self.variant = variant
         self.cfg = VARIANTS[variant]
         self.dense = bool(dense)
+        self.per_second = bool(per_second)
         self.amp = check_amp(amp)
         self.model = Cnn14(self.cfg)
         self.preprocess = Preprocess(clip_seconds=float(clip_seconds), frames_per_clip=0, image_size=0,
@@ -230,7 +234,14 @@ class PannEncoder(FeatureEncoder):
         out = {"audio": (1, self.cfg.embed_dim)}
         if self.dense:
             out["audio_dense"] = (self.model.num_frames(self.preprocess.num_samples), self.cfg.embed_dim)
+        if self.per_second:
+            out["audio_seconds"] = (self.seconds, self.cfg.embed_dim)
         return out
+
+    @property
+    def seconds(self) -> int:
+        """Tokens of ``audio_seconds``: ``round(clip_seconds)``, at least 1."""
+        return max(1, round(self.preprocess.clip_seconds))
 
     def extra_key(self) -> dict:
         c = self.cfg
@@ -242,6 +253,8 @@ class PannEncoder(FeatureEncoder):
                           "log": "10log10(max(x,1e-10))", "front_end_precision": "float32"},
             "audio": "fc1+relu of (max_t + mean_t) of freq-mean conv_block6",
             **({"audio_dense": "freq-mean conv_block6 per frame"} if self.dense else {}),
+            **({"audio_seconds": "audio_dense adaptive-avg-pooled to round(clip_seconds) tokens"}
+               if self.per_second else {}),
         }
 
     @torch.inference_mode()
@@ -256,6 +269,9 @@ class PannEncoder(FeatureEncoder):
         out = {"audio": emb.float().unsqueeze(1)}
         if self.dense:
             out["audio_dense"] = frame_map.float()
+        if self.per_second:
+            pooled = torch.nn.functional.adaptive_avg_pool1d(frame_map.float().transpose(1, 2), self.seconds)
+            out["audio_seconds"] = pooled.transpose(1, 2)
         return out
 
     def load_checkpoint(self, path: str | Path, *, trust: bool = False) -> None:
@@ -268,7 +284,7 @@ class PannEncoder(FeatureEncoder):
 
 def build(variant: str = "base", checkpoint: str | None = None, random_init_seed: int = 0,
           device: str = "cpu", clip_seconds: float = 10.0, dense: bool = True,
-          amp: str | None = "bfloat16", trust_checkpoint: bool = False) -> PannEncoder:
+          amp: str | None = "bfloat16", trust_checkpoint: bool = False, per_second: bool = False) -> PannEncoder:
     """Build the frozen ``pann-cnn14`` encoder.
 
     The numpy data-sampler state in PANN's training checkpoints is read with numpy's array
@@ -276,7 +292,7 @@ def build(variant: str = "base", checkpoint: str | None = None, random_init_seed
     (only for a trusted file). Example: ``build(checkpoint='Cnn14_mAP=0.431.pth', device='cuda')``.
     """
     with seeded(random_init_seed):
-        enc = PannEncoder(variant, clip_seconds=clip_seconds, dense=dense, amp=amp)
+        enc = PannEncoder(variant, clip_seconds=clip_seconds, dense=dense, amp=amp, per_second=per_second)
     enc.weights = f"random-init:{int(random_init_seed)}"
     if checkpoint:
         enc.load_checkpoint(checkpoint, trust=trust_checkpoint)

@@ -59,6 +59,7 @@ class AtlasHead(SegHead):
         lora_r: int = 8
         lora_alpha: float = 16.0
         decoder_channels: tuple[int, ...] = (128, 64, 32)
+        logit_stride: int = 4  # decoder logits at 1/logit_stride of the mask side, then bilinear
         dropout: float = 0.0
 
         def check(self, what: str) -> None:
@@ -81,7 +82,7 @@ class AtlasHead(SegHead):
         self.o = LoRA(nn.Linear(d, d), r, al)
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.decoder = MaskDecoder(d, self.geometry, tuple(cfg.decoder_channels), r, al)
+        self.decoder = MaskDecoder(d, self.geometry, tuple(cfg.decoder_channels), r, al, cfg.logit_stride)
         self.out_dim = d
 
     def fuse(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

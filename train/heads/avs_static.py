@@ -34,6 +34,7 @@ class AVSStaticHead(SegHead):
     class Config:
         d_model: int = 256
         decoder_channels: tuple[int, ...] = (128, 64, 32)
+        logit_stride: int = 4  # decoder logits at 1/logit_stride of the mask side, then bilinear
 
         def check(self, what: str) -> None:
             if self.d_model <= 0:
@@ -47,7 +48,7 @@ class AVSStaticHead(SegHead):
         self.theta, self.phi, self.g, self.w_z = (nn.Linear(d, d) for _ in range(4))
         nn.init.zeros_(self.w_z.weight)  # AVSBench initialises W_z at zero: the block starts as identity
         nn.init.zeros_(self.w_z.bias)
-        self.decoder = MaskDecoder(d, self.geometry, tuple(cfg.decoder_channels))
+        self.decoder = MaskDecoder(d, self.geometry, tuple(cfg.decoder_channels), logit_stride=cfg.logit_stride)
         self.out_dim = d
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

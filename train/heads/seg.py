@@ -102,19 +102,20 @@ class MaskDecoder(nn.Module):
     ``x`` (N, P, d) tokens of N frames -> (N, K, H, W): the tokens are laid out on
     their ``gh x gw`` grid, then each stage ``c_i`` doubles the resolution
     (bilinear) and applies a 3x3 conv to ``c_i`` channels, GroupNorm and GELU,
-    while the grid is smaller than a quarter of the mask side; a 1x1 conv gives
-    K logit maps, upsampled bilinearly to the mask size (H, W). Logits at a
-    quarter of the mask resolution keep the CPU cost of 224-pixel masks low
-    (the usual output stride of segmentation decoders); the OPEN decoder design of
+    while the grid is smaller than ``1 / logit_stride`` of the mask side (the last
+    channel count repeats when more stages are needed); a 1x1 conv gives K logit
+    maps, upsampled bilinearly to the mask size (H, W). Logits at a quarter of the
+    mask resolution (``logit_stride`` 4, the usual output stride of segmentation
+    decoders) keep the CPU cost of 224-pixel masks low; the OPEN decoder design of
     the CL-AVS paper is filled in this way. ``lora_r > 0`` puts a LoRA adapter on
     every conv (the decoder's linear maps).
     """
 
     def __init__(self, d: int, geometry: SegGeometry, channels: tuple[int, ...], lora_r: int = 0,
-                 lora_alpha: float = 16.0) -> None:
+                 lora_alpha: float = 16.0, logit_stride: int = 4) -> None:
         super().__init__()
         self.grid, self.size = geometry.grid, geometry.mask_size
-        target = max(1, min(self.size) // 4)
+        target = max(1, min(self.size) // max(1, int(logit_stride)))
         layers: list[nn.Module] = []
         c_in, side, i = d, min(self.grid), 0
         while side < target and channels:
