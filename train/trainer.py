@@ -41,6 +41,9 @@ and metrics are defined there) every metric has its own matrix, written to
 (``map``), ``metrics.json`` the summaries of the primary matrix plus
 ``per_metric`` and ``primary_metric``, and ``overlays.npz`` a few test frames of
 the final model.
+Semantic segmentation protocols (``kind = "semantic"``) are
+:class:`~train.problems_semantic.SemanticProblem` (metrics ``miou``, ``miou_base``,
+``miou_new``, ``avss_miou``; primary ``miou``).
 """
 from __future__ import annotations
 
