@@ -9,8 +9,13 @@ rehearsal of the same memory) and with ``finetune``. The claim: averaged over th
 seeds, CMR's mIoU over all seen classes after the last step, and its mean over
 the steps, are higher than both.
 
-Run with ``pytest -m slow tests/test_cmr_slow.py`` (several minutes on 2 cores); it
-prints the per-step base / new / all mIoU of each method.
+Run with ``pytest -m slow -s tests/test_cmr_slow.py`` (18 min on a loaded 2-core
+machine); it prints the per-step base / new / all mIoU of each method. Recorded
+2026-12-03 (mean of 3 seeds, all-class mIoU after the last step / mean over steps):
+cmr 16.0 / 20.6, random rehearsal 15.9 / 20.5, finetune 8.5 / 15.5. CMR's margin
+over random rehearsal is small here (synth clips have one sounding object, so
+there is little co-occurrence for MSS and CSR to act on); the margin over
+finetune is large.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def test_cmr_beats_random_rehearsal_and_finetune_on_synth_sem(sem_store):
     }
     print("\nsynth-sem-8-2, mIoU % (mean over seeds 0,1,2) after each step: base / new / all")
     for name, s in res.items():
-        m = np.nanmean(s, axis=0)
+        m = s.mean(axis=0)  # new-class mIoU is undefined (NaN) at step 0 for every seed
         cells = [f"{100 * m[0, t]:.1f} / " + ("-" if np.isnan(m[1, t]) else f"{100 * m[1, t]:.1f}") +
                  f" / {100 * m[2, t]:.1f}" for t in range(m.shape[1])]
         print(f"{name:18s} " + " | ".join(cells) + f"   (mean of all: {100 * m[2].mean():.1f})")
