@@ -121,8 +121,10 @@ class SegmentationProblem(Problem):
 
     * ``map``: pixel mAP (per-frame AP, frames with an empty mask skipped, averaged
       over frames; :class:`avcl_core.seg_metrics.PixelAPAccumulator`), the primary metric;
-    * ``maxf1``: Max-F with beta = 1 (CL-AVS Eq. 12): the F1 curve averaged over the
-      frames of the set, then its maximum over 255 thresholds;
+    * ``maxf1``: Max-F with beta = 1 (CL-AVS Eq. 12), pooled as AVSBench pools its
+      F-measure (the paper leaves the pooling open): per video the maximum over 255
+      thresholds of the F1 curve averaged over its frames, averaged over videos; a
+      video without foreground counts 0;
     * ``fscore``: AVSBench F-measure (beta^2 = 0.3) per video (a clip = a test batch
       of the reference), averaged over videos; a video without foreground counts 0;
     * ``miou``: AVSBench mask IoU per video (frame mean), averaged over videos;
@@ -327,9 +329,8 @@ class SegmentationProblem(Problem):
 
     def _task_sums(self, idx: np.ndarray) -> dict:
         """Pooled sums of every metric over the clips ``idx``."""
-        ap, f1 = S.PixelAPAccumulator(), S.FScoreAccumulator(beta2=1.0)
-        dice = S.DiceAccumulator()
-        video_f, video_iou = [], []
+        ap, dice = S.PixelAPAccumulator(), S.DiceAccumulator()
+        video_f, video_f1, video_iou = [], [], []
         masks = self.masks_np
         for ii, prob in self.probabilities(idx):
             for j, i in enumerate(ii):
@@ -338,25 +339,21 @@ class SegmentationProblem(Problem):
                     continue
                 p, g = prob[j][v], masks[i][v]
                 ap.update(p, g, from_logits=False)
-                f1.update(p, g, from_logits=False)
                 dice.update(p, g, from_logits=False)
-                video_f.append(_video_fscore(p, g))
+                video_f.append(_video_fscore(p, g, 0.3))
+                video_f1.append(_video_fscore(p, g, 1.0))
                 video_iou.append(S.avsbench_miou(p, g, from_logits=False))
         # (sum, count) pairs, so that tasks pool: the accumulators' means times their frame counts
         return {
             "map": (ap.compute() * ap.frames if ap.frames else 0.0, ap.frames),
-            "maxf1": (f1.curve() * f1.frames if f1.frames else np.zeros_like(f1.thresholds), f1.frames),
+            "maxf1": (float(np.sum(video_f1)), len(video_f1)),
             "fscore": (float(np.sum(video_f)), len(video_f)), "miou": (float(np.sum(video_iou)), len(video_iou)),
             "dice": (dice.compute()["mean"] * dice.frames if dice.frames else 0.0, dice.frames),
         }
 
     @staticmethod
     def _value(metric: str, total, count) -> float:
-        if not count:
-            return float("nan")
-        if metric == "maxf1":
-            return float(np.max(total / count))
-        return float(total / count)
+        return float(total / count) if count else float("nan")
 
     def evaluate(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         tr = self.trainer
@@ -365,8 +362,7 @@ class SegmentationProblem(Problem):
         seen = sums[: tr.task + 1]
         step = {}
         for m in self.metrics:
-            total = sum((s[m][0] for s in seen), start=np.zeros_like(seen[0][m][0]) if m == "maxf1" else 0.0)
-            step[m] = self._value(m, total, sum(s[m][1] for s in seen))
+            step[m] = self._value(m, sum(s[m][0] for s in seen), sum(s[m][1] for s in seen))
         return rows, step
 
     def val_score(self, idx: np.ndarray) -> float:
@@ -405,12 +401,10 @@ class SegmentationProblem(Problem):
         tmp.replace(run_dir / "overlays.npz")
 
 
-def _video_fscore(prob: np.ndarray, gt: np.ndarray) -> float:
-    """AVSBench F-measure of one video (its frames = one test batch of the reference); 0 without foreground.
-
-    Per-video aggregation until :func:`avcl_core.seg_metrics.avsbench_fscore` takes ``videos=``.
-    """
-    f = S.avsbench_fscore(prob, gt, from_logits=False)
+def _video_fscore(prob: np.ndarray, gt: np.ndarray, beta2: float) -> float:
+    """AVSBench F-measure (``beta2``) of one video, its frames given as one test batch of the
+    reference; 0 without foreground."""
+    f = S.avsbench_fscore(prob, gt, from_logits=False, beta2=beta2)
     return 0.0 if not np.isfinite(f) else f
 
 

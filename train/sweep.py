@@ -246,7 +246,7 @@ def run_one(spec: RunSpec) -> dict:
         head_name = spec.head or (method_class(spec.method).default_seg_head if seg else None)
         hp, head, head_cfg = resolve_options(spec.method, head_name, spec.preset, protocol.name,
                                              dict(spec.overrides), spec.epochs, strict_head=False)
-        result["head"] = head
+        result["head"] = head if spec.head is not None or not seg else None  # labelled as its run directory
         torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
         cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
         # Float sums differ with the thread count, so runs repeat bit-exactly for the same
