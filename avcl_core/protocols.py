@@ -59,7 +59,7 @@ from avcl_core.manifest import Manifest
 from avcl_core.paths import manifests_dir
 
 SETTINGS = ("CIL", "TIL", "DIL", "task-free")
-KINDS = ("classification", "segmentation")
+KINDS = ("classification", "segmentation", "semantic")
 FORMAT = "avcl-protocol/1"
 
 

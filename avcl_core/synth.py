@@ -698,3 +698,57 @@ def render(
     write_protocols(out / "protocols", classes)
     (out / "synth.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return manifest_path
+
+
+# -- semantic segmentation protocols ---------------------------------------------------
+SEM_BACKGROUND = "background"
+
+
+def sem_shapes(classes: int) -> list[tuple[int, int]]:
+    """(base classes, classes per later step) of the ``synth-sem-<base>-<step>`` protocols:
+    two thirds of the classes (rounded down) then two steps, and half then one step."""
+    _check_classes(classes)
+    shapes = []
+    base = (2 * classes) // 3
+    step = (classes - base) // 2
+    if 0 < base < classes and step > 0:
+        shapes.append((base, step))
+    half = classes // 2
+    if 0 < half < classes:
+        shapes.append((half, classes - half))
+    return list(dict.fromkeys(shapes))
+
+
+def sem_protocols(classes: int) -> list[dict]:
+    """Semantic segmentation protocols ``synth-sem-<base>-<step>`` over ``classes`` synth classes.
+
+    Classes: ``background`` (output channel 0) then the synth classes in index
+    order; task 0 = background + the first ``base`` classes, then steps of ``step``
+    classes (classes left over after whole steps are not used). The semantic mask of a
+    clip is its sounding object labelled with its class (class id + 1, 0 background;
+    :mod:`train.problems_semantic` derives it from the stored binary mask and the
+    clip's label). Overlapped class-incremental with background shift; memory 5 clips
+    per class (CMR's budget); ``kind = "semantic"``.
+    """
+    names = [SEM_BACKGROUND, *class_names(classes)]
+    out = []
+    for base, step in sem_shapes(classes):
+        n_steps = (classes - base) // step
+        tasks = [list(range(0, base + 1))] + [list(range(base + 1 + s * step, base + 1 + (s + 1) * step))
+                                               for s in range(n_steps)]
+        out.append({
+            "name": f"synth-sem-{base}-{step}", "dataset": DATASET, "classes": names, "tasks": tasks,
+            "setting": "CIL", "kind": "semantic", "memory": 0, "memory_per_class": 5, "derived": False,
+            "provenance": (f"avcl_core.synth with {classes} classes: semantic masks of the sounding object "
+                           f"(class id + 1, 0 background); base {base} classes + background, then "
+                           f"{n_steps} steps of {step}; overlapped CIL with background shift; 5 clips per class"),
+        })
+    return out
+
+
+def write_sem_protocols(directory: str | Path, classes: int) -> list[Path]:
+    """Write every protocol of :func:`sem_protocols` as ``<directory>/<name>.json``."""
+    from avcl_core.protocols import protocol_from_dict, save_protocol
+
+    directory = Path(directory)
+    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in sem_protocols(classes)]

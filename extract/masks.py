@@ -113,7 +113,7 @@ def mask_spec_for(manifest, preprocess: Preprocess, dataset: str | None = None,
     frames, or the manifest rows give no ``masks``.
     """
     dataset = dataset or manifest.dataset
-    if dataset not in SEG_DATASETS or preprocess.num_frames <= 0 or len(manifest) == 0:
+    if dataset not in SEG_DATASETS + SEMANTIC_DATASETS or preprocess.num_frames <= 0 or len(manifest) == 0:
         return None
     first = next((r for r in manifest.rows if r.get("masks")), None)
     if first is None:
@@ -121,7 +121,8 @@ def mask_spec_for(manifest, preprocess: Preprocess, dataset: str | None = None,
     size = int(mask_size) if mask_size else default_mask_size(first)
     if size < 1:
         raise MaskError(f"mask_size must be >= 1, got {size}")
-    return MaskSpec(size=size, frames=preprocess.num_frames)
+    return MaskSpec(size=size, frames=preprocess.num_frames,
+                    format=PALETTE_FORMAT if dataset in SEMANTIC_DATASETS else MASK_FORMAT)
 
 
 def _resize_nearest(m: np.ndarray, size: int) -> np.ndarray:
@@ -185,6 +186,8 @@ def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple
     """
     from extract.decode import IMAGE_FOLDER_FPS, frame_indices, sample_times
 
+    if spec.format == PALETTE_FORMAT:
+        return read_semantic_masks(row, root, spec, preprocess)
     sid = row.get("sample_id")
     F, S = spec.frames, spec.size
     if F != preprocess.num_frames:
@@ -234,3 +237,92 @@ def spec_of_store(store) -> MaskSpec | None:
     """The :class:`MaskSpec` recorded in a store's key material, or None."""
     d = store.key_material.get("masks")
     return MaskSpec.from_dict(d) if d else None
+
+
+# -- semantic (palette-index) masks ----------------------------------------------------------
+#: Datasets whose stores carry palette-index semantic masks (format :data:`PALETTE_FORMAT`).
+SEMANTIC_DATASETS = ("avss",)
+PALETTE_FORMAT = "palette-nearest/1"
+#: Palette index of pixels that are not any class (unknown colour, or the dataset's own ignore value).
+PALETTE_IGNORE = 255
+
+
+def _read_palette_png(path: str, sid: str) -> np.ndarray:
+    """Palette indices (H, W) uint8 of one semantic mask.
+
+    A single-channel image (PIL mode ``P``, ``L``, ``I``) holds the indices itself. A
+    colour image (AVSS ``labels_rgb``) is mapped back through the VOC palette the
+    dataset is drawn with (:func:`avcl_core.builders.avsbench.voc_palette`), by exact
+    colour; a colour that is no palette entry becomes :data:`PALETTE_IGNORE`.
+    """
+    from PIL import Image
+
+    from avcl_core.builders.avsbench import voc_palette
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("P", "L", "I", "I;16"):
+                a = np.asarray(im if im.mode in ("P", "L") else im.convert("I"))
+                if a.size and (a.min() < 0 or a.max() > 255):
+                    raise MaskError(f"sample {sid!r}: mask {path} holds index {int(a.max())} outside 0..255")
+                return a.astype(np.uint8)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
+    except MaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad image
+        raise MaskError(f"sample {sid!r}: mask {path} cannot be read ({type(e).__name__}: {e})") from None
+    pal = voc_palette(256).astype(np.int64)
+    codes = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    lut = {int(c): i for i, c in enumerate(codes[:PALETTE_IGNORE])}
+    px = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    uniq, inv = np.unique(px, return_inverse=True)
+    idx = np.array([lut.get(int(c), PALETTE_IGNORE) for c in uniq], dtype=np.uint8)
+    return idx[inv].reshape(px.shape)
+
+
+def read_semantic_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(masks uint8 (F, S, S) of palette indices, valid uint8 (F,)) of one AVSS-style row.
+
+    Frames and masks are paired as for AVSBench S4/MS3 (:func:`read_masks`): the
+    frame images in the order they are decoded and the mask files (the row's
+    ``masks`` glob) by trailing number, so ``frames/3.jpg`` goes with ``3.png``; a
+    sampled frame without a mask file has no ground truth (AVSS v1s train clips
+    annotate only frame 0). Indices: 0 background, ``1..K`` the classes (the AVSS
+    builder's class ids), :data:`PALETTE_IGNORE` not any class
+    (:func:`_read_palette_png`); resized nearest-neighbour to ``S x S``.
+    """
+    from extract.decode import IMAGE_FOLDER_FPS, frame_indices, sample_times
+
+    sid = row.get("sample_id")
+    F, S = spec.frames, spec.size
+    if F != preprocess.num_frames:
+        raise MaskError(f"mask spec has {F} frames but the encoder samples {preprocess.num_frames}")
+    masks = np.zeros((F, S, S), dtype=np.uint8)
+    valid = np.zeros(F, dtype=np.uint8)
+    src = str(row.get("masks") or "")
+    if not src:
+        return masks, valid
+    start = float(row.get("start") or 0.0)
+    end = row.get("end")
+    limit_end = start + float(preprocess.clip_seconds)
+    if end is not None:
+        limit_end = min(limit_end, float(end))
+    frames = _image_folder_frames(row, root)
+    if not frames:
+        raise MaskError(f"sample {sid!r}: no frame images for {row.get('frames') or row.get('video')!r} under {root}")
+    mask_files = _numbered(sorted(glob.glob(str(_resolve(root, src)))) if any(c in src for c in "*?[")
+                           else [str(_resolve(root, src))])
+    step = (float(end) - start) / len(frames) if end is not None and float(end) > start else 1.0 / IMAGE_FOLDER_FPS
+    starts = start + np.arange(len(frames)) * step
+    idx = frame_indices(sample_times(preprocess, start), starts, min(limit_end, start + len(frames) * step))
+    cache: dict[int, np.ndarray] = {}
+    for k, i in enumerate(idx.tolist()):
+        m = _NUMBER.search(Path(frames[i]).stem)
+        number = int(m.group(1)) if m else None
+        if number is None or number not in mask_files:
+            continue
+        if number not in cache:
+            cache[number] = _resize_nearest(_read_palette_png(mask_files[number], sid), S)
+        masks[k] = cache[number]
+        valid[k] = 1
+    return masks, valid

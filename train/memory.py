@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["ExemplarMemory", "herding_select", "random_select", "SELECTIONS"]
+__all__ = ["ExemplarMemory", "csr_resample", "herding_select", "mss_select", "random_select", "SELECTIONS"]
 
 SELECTIONS = ("random", "herding")
 
@@ -70,6 +70,54 @@ def herding_select(features, k: int) -> np.ndarray:
         available[j] = False
         running_sum += phi[j]
     return chosen
+
+
+def mss_select(indices, delta, k: int) -> np.ndarray:
+    """CMR's multi-modal sample selection for one class: the ``min(k, n)`` elements of
+    ``indices`` with the smallest ``|delta|``, in that order (ties: earlier position first).
+
+    ``delta[j] = mIoU(audio-visual model) - mIoU(visual-only model)`` on sample
+    ``indices[j]``: samples on which the picture alone explains the audio-visual
+    prediction, i.e. whose sounding object is unambiguous.
+    """
+    idx = np.asarray(indices)
+    d = np.asarray(delta, dtype=np.float64)
+    if idx.ndim != 1 or d.shape != idx.shape:
+        raise ValueError(f"mss_select: indices {idx.shape} and delta {d.shape} must be 1-D of equal length")
+    if k < 0:
+        raise ValueError(f"cannot select k={k} samples")
+    if not np.all(np.isfinite(d)):
+        raise ValueError(f"mss_select: delta of sample {idx[~np.isfinite(d)][0]!r} is not finite")
+    order = np.argsort(np.abs(d), kind="stable")
+    return idx[order[: min(k, idx.size)]]
+
+
+def csr_resample(per_class: Mapping[int, np.ndarray], weights: Mapping[int, float], fraction: float,
+                 rng: np.random.Generator | int | None) -> np.ndarray:
+    """CMR's collision-based sample rehearsal: the buffer with ``fraction`` of it resampled.
+
+    With the buffer ``B`` = all indices of ``per_class`` (class by class) and
+    ``r = round(fraction * |B|)``: ``r`` entries of ``B``, drawn uniformly without
+    replacement, are dropped, and ``r`` draws are added, each a class ``c`` with
+    probability ``w_c / sum w`` (over the classes of ``per_class`` with exemplars) and
+    then one of ``c``'s exemplars uniformly. The result has ``|B|`` entries; repeats
+    are the point (classes that collide more are rehearsed more). Without positive
+    weight the buffer is returned unchanged. Pure: the inputs are not modified.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    classes = [int(c) for c, v in per_class.items() if len(v)]
+    buf = np.concatenate([np.asarray(per_class[c], dtype=np.int64) for c in classes]) if classes \
+        else np.zeros(0, dtype=np.int64)
+    w = np.array([max(0.0, float(weights.get(c, 0.0))) for c in classes])
+    r = int(round(fraction * buf.size))
+    if r == 0 or w.sum() <= 0 or not np.all(np.isfinite(w)):
+        return buf
+    keep = np.sort(gen.choice(buf.size, size=buf.size - r, replace=False))
+    picked = gen.choice(len(classes), size=r, p=w / w.sum())
+    added = [int(gen.choice(np.asarray(per_class[classes[j]]))) for j in picked]
+    return np.concatenate([buf[keep], np.asarray(added, dtype=np.int64)])
 
 
 class ExemplarMemory:
@@ -171,6 +219,17 @@ class ExemplarMemory:
                 f"expected ({idx.size}, d)"
             )
         return idx[herding_select(feats, q)]
+
+    def replace_class(self, c: int, indices) -> None:
+        """Set the exemplars of held class ``c`` (e.g. chosen by another rule after :meth:`update`);
+        at most the current quota are kept."""
+        c = int(c)
+        if c not in self._per_class:
+            raise ValueError(f"class {c} is not in the exemplar memory")
+        v = np.asarray(indices, dtype=np.int64)
+        if v.ndim != 1 or np.unique(v).size != v.size:
+            raise ValueError(f"exemplars of class {c} must be distinct 1-D indices")
+        self._per_class[c] = v[: self.quota()]
 
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict:

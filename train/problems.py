@@ -428,4 +428,8 @@ def make_problem(trainer: "Trainer") -> Problem:
     """The problem of the trainer's protocol (its ``kind``)."""
     if trainer.protocol.kind == "segmentation":
         return SegmentationProblem(trainer)
+    if trainer.protocol.kind == "semantic":
+        from train.problems_semantic import SemanticProblem
+
+        return SemanticProblem(trainer)
     return ClassificationProblem(trainer)

@@ -250,7 +250,8 @@ def run_one(spec: RunSpec) -> dict:
         rdir = run_dir(spec, proto_name)
         result["run_dir"] = str(rdir)
         device = _device(spec.device)
-        seg = protocol_kind(spec) == "segmentation"
+        kind = protocol_kind(spec)
+        seg = kind in ("segmentation", "semantic")
         fs = load_features(spec, device, SEG_STREAMS if seg else None)
         protocol = resolve_protocol_for(spec, fs.manifest).bind(fs.manifest)
         if spec.memory is not None and spec.class_order is None:
@@ -267,7 +268,7 @@ def run_one(spec: RunSpec) -> dict:
         # count; it is recorded (outside the config hash, which says what is trained).
         cfg["torch_threads"] = torch.get_num_threads()
         if seg:
-            cfg.update(problem="segmentation", primary_metric="map")
+            cfg.update(problem=kind, primary_metric="miou" if kind == "semantic" else "map")
         cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
         if met_path.is_file() and not spec.force:
             old = _read_json(cfg_path)

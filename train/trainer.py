@@ -41,6 +41,9 @@ and metrics are defined there) every metric has its own matrix, written to
 (``map``), ``metrics.json`` the summaries of the primary matrix plus
 ``per_metric`` and ``primary_metric``, and ``overlays.npz`` a few test frames of
 the final model.
+Semantic segmentation protocols (``kind = "semantic"``) are
+:class:`~train.problems_semantic.SemanticProblem` (metrics ``miou``, ``miou_base``,
+``miou_new``, ``avss_miou``; primary ``miou``).
 """
 from __future__ import annotations
 
@@ -257,6 +260,8 @@ class Trainer:
 
     def train_indices_of_class(self, c: int) -> np.ndarray:
         """FeatureSet indices of the training samples of output class ``c``."""
+        if hasattr(self.problem, "train_indices_of_class"):  # e.g. clips with several classes
+            return self.problem.train_indices_of_class(c)
         t = int(np.searchsorted(np.asarray(self.offsets[1:]), c, side="right"))
         idx = self.split_idx["train"][t]
         return idx[self.y_np[idx] == c]
@@ -321,7 +326,7 @@ class Trainer:
     def _pools(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices drawn in batches of ``batch_size``, exemplars joined to each batch)."""
         cur = self.split_idx["train"][t]
-        mem = self.memory.indices()
+        mem = self.method.rehearsal(t, self.memory.indices())
         replay = self.method.replay
         if replay == "all":
             return np.concatenate(self.split_idx["train"][: t + 1]), mem[:0]
@@ -586,7 +591,10 @@ class Trainer:
         per = {}
         for m, mat in self._mats.items():
             write_acc_matrix(d / f"{m}.csv", mat)
-            summ = M.summarize(mat, self._steps[m])
+            try:
+                summ = M.summarize(mat, self._steps[m])
+            except ValueError:  # a metric undefined at some step (e.g. new-class mIoU at the first) has none
+                summ = {}
             per[m] = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summ.items()}
             per[m]["step"] = [None if not np.isfinite(v) else v for v in self._steps[m]]
         out["per_metric"] = per

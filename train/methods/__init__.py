@@ -15,6 +15,7 @@ from train.methods.base import (
 )
 from train.methods import finetune, icarl, joint, lll, lwf, ssil  # noqa: E402,F401  (registration)
 from train.methods import atlas, ewc, mas, si  # noqa: E402,F401  (parameter regularisers, ATLAS)
+from train.methods import cmr, mib, plop  # noqa: E402,F401  (semantic segmentation)
 
 __all__ = ["METHODS", "Hparams", "Method", "MethodError", "build_method", "method_class", "method_hparams",
            "method_names", "method_origin", "register_method", "resolve_method"]

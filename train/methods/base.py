@@ -13,7 +13,8 @@ memory, optimiser, evaluation, checkpoints and logs; a method only says
 * whether it distils from the model of the previous task (:attr:`Method.uses_teacher`):
   the trainer then snapshots that model and precomputes its outputs once per task
   on every sample the task trains on (features are fixed, so these never change);
-* and the hooks ``before_task``, ``loss``, ``after_backward``, ``after_task``, ``predict``.
+* and the hooks ``before_task``, ``loss``, ``after_backward``, ``after_task``, ``predict``
+  (and ``rehearsal``: the exemplars a task trains with, e.g. a resampled buffer).
 
 Label space: the trainer numbers classes in order of arrival, so task ``t``
 owns the contiguous output units ``[offsets[t], offsets[t+1])`` and a sample is
@@ -31,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -125,6 +127,11 @@ class Method:
         if tr is not None and tr.problem.kind != "classification":
             return tr.problem.loss(batch, out)
         return {"ce": F.cross_entropy(out["logits"], batch["y"])}
+
+    def rehearsal(self, task: int, exemplars: np.ndarray) -> np.ndarray:
+        """Exemplar indices that task ``task`` trains with (repeats allowed), given the memory's;
+        called once per task after the previous model is frozen. Default: the memory as it is."""
+        return exemplars
 
     def after_backward(self) -> None:
         """Called after ``loss.backward()``, before the optimiser step (e.g. to edit gradients)."""

@@ -40,7 +40,7 @@ class LwF(Method):
 
     def loss(self, batch, out):
         problem = self.trainer.problem
-        if problem.kind == "segmentation":
+        if problem.kind != "classification":
             # segmentation: the task loss plus distillation of the old model's masks (and old classes)
             terms = problem.loss(batch, out)
             old = self.teacher(batch)

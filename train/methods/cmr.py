@@ -1,0 +1,166 @@
+"""``cmr``: multi-modal sample selection + collision-based sample rehearsal (Hong et al., "Taming
+Modality Entanglement in Continual Audio-Visual Segmentation", arXiv 2510.17234), on cached features.
+
+CMR's text and code were not available; it is known from a summary (seed 003), so
+every detail below that the summary leaves open is a choice of this implementation.
+
+Training: PLOP's losses (:class:`~train.methods.plop.PLOPLosses`: pseudo-labels,
+adaptive cross-entropy, Local POD on the trainable features) on the current task's
+clips joined by the rehearsal buffer (``replay = mixed``). Memory: the protocol's
+budget, 5 clips per class (``memory_per_class``); background is not a class to
+remember. Memory clips carry the labels of every class seen so far
+(:mod:`train.problems_semantic`; OPEN).
+
+**MSS** (``mss``), after each task, for each of its classes: a *visual-only* model (the
+same head and classifier, trained from scratch on the task's training clips with
+the audio stream set to zeros, ``mss_epochs`` epochs, the task's hyper-parameters
+otherwise) and the task's final audio-visual model segment each candidate clip (the
+task's training clips whose labels include the class); per clip
+``delta = mIoU_AV - mIoU_V``, the mIoU of that clip's frames with ground truth against
+its training labels (confusion matrix of the clip, classes present in labels or
+prediction); the ``k`` clips with the smallest ``|delta|`` are kept
+(:func:`train.memory.mss_select`). Without ``mss``: the trainer's random choice.
+
+**CSR** (``csr``), before each later task: the frozen previous model segments the new
+task's training clips; a *collision* of old class ``c`` is a frame in which it
+predicts ``c`` on a pixel whose current label is something else (background or
+a new class; the current labels are the only ones available at that step). The
+per-class counts ``F_c`` are normalised to proportions ``F'_c = F_c / sum F`` (the
+summary mentions a sigmoid; unverified, not used), and ``csr_fraction`` = 20 % of
+the buffer is resampled in proportion to ``F'`` (:func:`train.memory.csr_resample`);
+that buffer joins the task's clips. The kept memory itself is not changed.
+Without ``csr``: the buffer as it is. ``mss=false, csr=false`` is PLOP with random
+rehearsal of the same memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from avcl_core import seg_metrics as S
+from train.memory import csr_resample, mss_select
+from train.methods.base import register_method
+from train.methods.plop import PLOPHparams, PLOPLosses
+
+
+@dataclass(frozen=True)
+class CMRHparams(PLOPHparams):
+    mss: bool = True  # multi-modal sample selection (else random)
+    csr: bool = True  # collision-based resampling of the buffer
+    csr_fraction: float = 0.2
+    mss_epochs: int = 0  # epochs of the visual-only model (0: the method's epochs)
+
+
+@register_method("cmr")
+class CMR(PLOPLosses):
+    Hparams = CMRHparams
+    replay = "mixed"
+
+    def __init__(self, hp) -> None:
+        super().__init__(hp)
+        self.collisions: dict[int, float] = {}
+        self.deltas: dict[int, float] = {}
+
+    # -- CSR ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def collision_counts(self, idx: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        """(n_old,) frames of clips ``idx`` in which the previous model predicts old class ``c``
+        on a pixel whose current label is another class (``F_c``; index 0, background, stays 0)."""
+        tr = self.trainer
+        n_old = self.n_old
+        counts = torch.zeros(n_old, dtype=torch.long, device=tr.device)
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=tr.device)
+        for s in range(0, idx_t.numel(), batch_size):
+            i = idx_t[s: s + batch_size]
+            pred = tr.old_model(tr.fs.batch(i, tr._head_streams))["mask_logits"].argmax(dim=2)
+            tgt = tr.problem.targets(i)
+            v = tgt["valid"]
+            p, y = pred[v], tgt["masks"][v]
+            hit = (p > 0) & (p != y) & (y != 255)
+            frame_has = torch.zeros(p.shape[0], n_old, dtype=torch.bool, device=tr.device)
+            frame_has.scatter_(1, torch.where(hit, p, 0).flatten(1), hit.flatten(1))
+            frame_has[:, 0] = False  # background is not a class to rehearse
+            counts += frame_has.sum(0)
+        return counts.cpu().numpy()
+
+    def rehearsal(self, task: int, exemplars: np.ndarray) -> np.ndarray:
+        tr = self.trainer
+        if not self.hp.csr or task == 0 or tr.old_model is None or exemplars.size == 0:
+            return exemplars
+        counts = self.collision_counts(tr.split_idx["train"][task])
+        total = counts.sum()
+        self.collisions = {c: float(counts[c] / total) if total else 0.0 for c in range(1, counts.size)}
+        rng = np.random.default_rng([tr.seed, task, 7])
+        return csr_resample(tr.memory.per_class(), self.collisions, self.hp.csr_fraction, rng)
+
+    # -- MSS ---------------------------------------------------------------------------
+    def _visual_only_model(self, task: int):
+        from train.trainer import task_seed
+
+        tr = self.trainer
+        idx = tr.split_idx["train"][task]
+        torch.manual_seed(task_seed(tr.seed, task) ^ 0x5EED)
+        gen = torch.Generator().manual_seed(task_seed(tr.seed, task) ^ 0x5EED)
+        model = tr.problem.build_model(tr.n_seen)
+        opt = torch.optim.Adam(model.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=tr.device)
+        model.train()
+        for _ in range(self.hp.mss_epochs or self.hp.epochs):
+            order = idx_t[torch.randperm(idx_t.numel(), generator=gen).to(tr.device)]
+            for s in range(0, order.numel(), self.hp.batch_size):
+                i = order[s: s + self.hp.batch_size]
+                batch = {"idx": i, "x": _mute_audio(tr.fs.batch(i, tr._head_streams)), "y": tr.y[i]}
+                batch.update(tr.problem.targets(i))
+                loss = sum(tr.problem.loss(batch, model(batch["x"])).values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+    @torch.no_grad()
+    def clip_miou(self, model, idx: np.ndarray, mute_audio: bool, batch_size: int = 8) -> np.ndarray:
+        """(len(idx),) mIoU of each clip's frames with ground truth against its training labels."""
+        tr = self.trainer
+        was = model.training
+        model.eval()
+        out = np.zeros(len(idx))
+        C = tr.n_seen
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=tr.device)
+        for s in range(0, idx_t.numel(), batch_size):
+            i = idx_t[s: s + batch_size]
+            x = tr.fs.batch(i, tr._head_streams)
+            pred = model(_mute_audio(x) if mute_audio else x)["mask_logits"].argmax(dim=2).cpu().numpy()
+            tgt = tr.problem.targets(i)
+            lab, valid = tgt["masks"].cpu().numpy(), tgt["valid"].cpu().numpy()
+            for j in range(pred.shape[0]):
+                cm = S.confusion_matrix(pred[j][valid[j]], lab[j][valid[j]], C, ignore_index=255)
+                m = S.mean_iou(cm)
+                out[s + j] = m if np.isfinite(m) else 0.0
+        model.train(was)
+        return out
+
+    def after_task(self, task: int) -> None:
+        tr = self.trainer
+        if not self.hp.mss or not len(tr.memory):
+            return
+        classes = [c for c in range(max(1, self.n_old), tr.n_seen) if c in tr.memory.per_class()]
+        cand = {c: tr.train_indices_of_class(c) for c in classes}
+        pool = np.unique(np.concatenate([v for v in cand.values()] + [np.zeros(0, np.int64)]))
+        if pool.size == 0:
+            return
+        v_model = self._visual_only_model(task)
+        av = self.clip_miou(tr.model, pool, mute_audio=False)
+        vo = self.clip_miou(v_model, pool, mute_audio=True)
+        delta = dict(zip(pool.tolist(), (av - vo).tolist()))
+        self.deltas = delta
+        q = tr.memory.quota()
+        for c, idx in cand.items():
+            if idx.size:
+                tr.memory.replace_class(c, mss_select(idx, [delta[int(i)] for i in idx], q))
+
+
+def _mute_audio(x: dict) -> dict:
+    """The batch with the audio stream set to zeros (the visual-only model's input)."""
+    return {k: (torch.zeros_like(v) if k == "audio" else v) for k, v in x.items()}
