@@ -349,6 +349,7 @@ class Trainer:
         pool_t = torch.as_tensor(pool, dtype=torch.long, device=self.device)
         ex_t = torch.as_tensor(exemplars, dtype=torch.long, device=self.device)
         n, n_ex = pool_t.numel(), ex_t.numel()
+        self.fs.pin(ex_t)  # a streamed set keeps the exemplars resident: every step draws from all of them
         bs, ebs = hp.batch_size, min(hp.exemplar_batch_size, max(n_ex, 1))
         ex_order, ex_pos = None, 0
         val_idx = np.concatenate(self.split_idx["val"][: t + 1]) if self.select == "val-seen" else None
@@ -359,7 +360,7 @@ class Trainer:
             e0 = time.perf_counter()
             model.train()
             lr = opt.param_groups[0]["lr"]
-            order = pool_t[torch.randperm(n, generator=gen).to(self.device)]
+            order = self.fs.epoch_order(pool_t, gen)
             sums: dict[str, torch.Tensor] = {}
             counts: dict[str, int] = {}
             for s in range(0, n, bs):
