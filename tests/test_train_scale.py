@@ -86,3 +86,86 @@ def test_streamed_and_in_memory_training_give_identical_accuracy_matrices(sharde
     streamed.streamer.close()
     np.testing.assert_array_equal(r1.acc_matrix, r2.acc_matrix)
     assert r1.acc_matrix[0, 0] > 0.5  # it learned something
+
+
+# -- long runs people can watch ------------------------------------------------------------------
+def test_nan_loss_stops_naming_task_and_epoch_and_keeps_the_last_good_checkpoint(sharded, tmp_path):
+    from train.trainer import NonFiniteLoss
+
+    m = build_method("finetune", TINY)
+    orig = m.loss
+
+    calls = []
+
+    def loss(batch, out):
+        terms = orig(batch, out)
+        if m.trainer.task == 1:
+            calls.append(1)
+            if len(calls) > 2 * 2:  # task 1 has 24 train clips: 2 steps of 16 per epoch; NaN from epoch 2 on
+                terms = {k: v * float("nan") for k, v in terms.items()}
+        return terms
+
+    m.loss = loss
+    tr = Trainer(FeatureSet.from_stores([sharded.store]), load_protocol(sharded.protocol), m, head_config=HEAD,
+                 run_dir=tmp_path / "run")
+    with pytest.raises(NonFiniteLoss, match=r"task 1 epoch 2: the training loss is not finite \(.*loss=nan") as e:
+        tr.fit()
+    assert "ckpt_task0.pt, is kept" in str(e.value)
+    assert (tmp_path / "run" / "ckpt_task0.pt").is_file() and not (tmp_path / "run" / "ckpt_task1.pt").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _cli(toy, out, *extra):
+    from train.cli import main
+
+    return main(["--cache", toy.store, "--protocol", toy.protocol, "--method", "lll", "--threads", "1",
+                 "--set", "head.d_model=16", "--set", "head.n_heads=2", "--set", "batch_size=16",
+                 "--set", "exemplar_batch_size=8", "--out", str(out), *extra])
+
+
+def test_progress_bar_shows_epochs_and_loss_and_is_quiet_with_q(sharded, tmp_path, capfd):
+    _cli(sharded, tmp_path / "a", "--epochs", "2")
+    err = capfd.readouterr().err
+    assert "6/6" in err and "epoch" in err and "loss" in err  # 3 tasks x 2 epochs
+    _cli(sharded, tmp_path / "b", "--epochs", "2", "-q")
+    assert "epoch" not in capfd.readouterr().err
+
+
+def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_accuracy_matrix(sharded, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from train.trainer import read_acc_matrix
+
+    epochs = "25"
+    ref = _cli(sharded, tmp_path / "ref", "--epochs", epochs, "-q")[0]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train.cli", "--cache", sharded.store, "--protocol", sharded.protocol,
+           "--method", "lll", "--threads", "1", "--set", "head.d_model=16", "--set", "head.n_heads=2",
+           "--set", "batch_size=16", "--set", "exemplar_batch_size=8", "--epochs", epochs, "--out", str(out), "-q"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rdir = Path(ref["run_dir"].replace(str(tmp_path / "ref"), str(out)))
+    deadline = time.time() + 120
+    try:
+        log = rdir / "log.jsonl"
+        # kill once task 1 has logged an epoch: mid-task, after task 0's checkpoint
+        while time.time() < deadline and proc.poll() is None:
+            if log.is_file() and '"task": 1' in log.read_text():
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (rdir / "ckpt_task0.pt").exists() and not (rdir / "metrics.json").exists()
+    killed_after = max(int(p.stem.removeprefix("ckpt_task")) for p in rdir.glob("ckpt_task*.pt"))
+    assert killed_after < 2, "the run finished before it could be killed; raise the epochs"
+    res = _cli(sharded, out, "--epochs", epochs, "-q", "--resume")[0]
+    assert res["status"] == "ok" and res["resumed_from"] == killed_after + 1
+    np.testing.assert_array_equal(np.array(res["acc_matrix"]), np.array(ref["acc_matrix"]))
+    np.testing.assert_array_equal(read_acc_matrix(rdir / "acc_matrix.csv"), np.array(ref["acc_matrix"]))

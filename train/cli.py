@@ -82,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last task checkpoint")
     p.add_argument("--force", action="store_true", help="retrain runs that are already done")
     p.add_argument("--out", required=True, metavar="RUNDIR", help="root of the run directories")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-task progress lines")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no per-task progress lines")
+    p.add_argument("--feature-memory", metavar="SIZE",
+                   help="memory for the feature streams, e.g. 8G or 512M (default: half the free memory of the "
+                        "device); larger streams are read from the store shard by shard while training")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bfloat16 autocast of the training step (GPU; recorded in config.json)")
     return p
 
 
@@ -165,6 +170,10 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
         caches.append(path if "://" in path else str(Path(path).resolve()))
         keys.append(key)
     overrides = tuple(_pairs(args.overrides, "--set"))
+    if args.feature_memory is not None:
+        from train.features import parse_size
+
+        parse_size(args.feature_memory)  # fail early on a malformed size
     streams = tuple(_pairs(args.stream, "--stream")) or None
     load_preset(args.preset)  # fail early on an unknown preset
     for path, key in zip(caches, keys):
@@ -178,7 +187,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
                 seed=s, out=str(Path(args.out).resolve()), protocol=protocol, class_order=args.class_order,
                 classes_per_task=args.classes_per_task, memory=args.memory, base=args.base, preset=args.preset,
                 overrides=overrides, epochs=args.epochs, select=args.select, device=args.device, force=args.force,
-                resume=args.resume, threads=args.threads, verbose=not args.quiet)
+                resume=args.resume, threads=args.threads, verbose=not args.quiet,
+                feature_memory=args.feature_memory, amp=args.amp)
         for m in methods for h in heads for s in seeds
     ]
     # validate names, protocol, presets and --set keys before any training starts

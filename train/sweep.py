@@ -68,6 +68,8 @@ class RunSpec:
     threads: int = 0  # torch threads; 0 = auto_threads
     parallel: int = 1  # runs sharing this machine's cores at once
     verbose: bool = False
+    feature_memory: str | None = None  # FeatureSet memory budget (size text); None: half the free memory
+    amp: str = "none"  # 'bf16': bfloat16 autocast of the training step
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -111,12 +113,12 @@ def run_dir(spec: RunSpec, proto_name: str | None = None) -> Path:
 def load_features(spec: RunSpec, device):
     from train.features import FeatureSet
 
-    key = (spec.caches, spec.keys, spec.streams, str(device))
+    key = (spec.caches, spec.keys, spec.streams, str(device), spec.feature_memory)
     if key not in _FEATURE_SETS:
         _FEATURE_SETS.clear()  # keep one set in memory per process
         _FEATURE_SETS[key] = FeatureSet.from_stores(
             list(spec.caches), streams=dict(spec.streams) if spec.streams else None, device=device,
-            keys=list(spec.keys) if spec.keys else None)
+            keys=list(spec.keys) if spec.keys else None, memory_budget=spec.feature_memory)
     return _FEATURE_SETS[key]
 
 
@@ -151,6 +153,11 @@ def build_config(spec: RunSpec, fs, protocol, hp, head: str, head_cfg) -> dict:
         },
         "caches": [{"key": s.key, "streams": s.streams} for s in fs.sources],
     }
+    # only where they change the results, so that earlier runs keep their hashes
+    if fs.shuffle_blocks is not None:
+        identity["epoch_order"] = {"block_rows": fs.block_rows, "shuffle_blocks": fs.shuffle_blocks}
+    if spec.amp != "none":
+        identity["amp"] = spec.amp
     cfg = dict(identity)
     cfg.update({
         "config_hash": canonical_hash(identity),
@@ -163,6 +170,9 @@ def build_config(spec: RunSpec, fs, protocol, hp, head: str, head_cfg) -> dict:
         "cache_paths": [s.as_dict() for s in fs.sources],
         "excluded_rows": fs.excluded,
         "n_rows": len(fs),
+        "features": fs.order_info(),
+        "feature_memory": spec.feature_memory,
+        "amp": spec.amp,
         "device": spec.device,
         "git": git_hash(),
         "host": socket.gethostname(),
@@ -258,7 +268,9 @@ def run_one(spec: RunSpec) -> dict:
         label = f"[{proto_name} {run_label(spec.method, spec.head)} seed{spec.seed}] "
         trainer = Trainer(fs, protocol, method, head=head, head_config=head_cfg, seed=spec.seed,
                           select=spec.select, device=device, run_dir=rdir, config_hash=cfg["config_hash"],
-                          progress=lambda msg: log.info(label + msg))
+                          progress=lambda msg: log.info(label + msg),
+                          progress_bar=spec.verbose and spec.parallel == 1, amp=spec.amp)
+        trainer.progress_label = label.strip()
         res = trainer.fit(resume=resume)
         result.update(status="ok", metrics=res.metrics, acc_matrix=res.acc_matrix.tolist(),
                       seconds=round(res.seconds, 3), resumed_from=res.resumed_from)

@@ -65,6 +65,13 @@ class TrainError(ValueError):
     """A protocol/feature-set combination the trainer cannot run; the message says why."""
 
 
+class NonFiniteLoss(TrainError):
+    """The loss became NaN or infinite; the message names the task and epoch and the checkpoint kept."""
+
+
+AMP_MODES = ("none", "bf16")
+
+
 # -- model ---------------------------------------------------------------------------
 class GrowingClassifier(nn.Module):
     """Linear classifier z = W f + b over the seen classes; :meth:`grow` adds rows, keeping the old ones."""
@@ -156,9 +163,17 @@ class Trainer:
         config_hash: str = "",
         eval_batch_size: int = 512,
         progress: Callable[[str], None] | None = None,
+        progress_bar: bool = False,
+        amp: str = "none",
     ) -> None:
         if select not in SELECT_MODES:
             raise TrainError(f"select must be one of {SELECT_MODES}, got {select!r}")
+        if amp not in AMP_MODES:
+            raise TrainError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        # bfloat16 autocast of the training forward and loss (the backward follows it); evaluation stays float32
+        self.amp = amp
+        self.progress_bar = progress_bar
+        self._bar = None
         self.device = _device(device)
         self.fs = features.to(self.device)
         self.protocol = protocol.bind(self.fs.manifest)
@@ -178,6 +193,7 @@ class Trainer:
         self.config_hash = config_hash
         self.eval_batch_size = int(eval_batch_size)
         self.progress = progress or (lambda msg: log.info(msg))
+        self.progress_label = "train"
 
         self.tasks = [tuple(t) for t in self.protocol.tasks]
         self.T = len(self.tasks)
@@ -371,9 +387,10 @@ class Trainer:
                     idx = torch.cat([idx, ex_order[ex_pos: ex_pos + ebs]])
                     ex_pos += ebs
                 batch = {"idx": idx, "x": self.fs.batch(idx, self._head_streams), "y": self.y[idx]}
-                out = model(batch["x"])
-                terms = method.loss(batch, out)
-                loss = sum(terms.values())
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+                    out = model(batch["x"])
+                    terms = method.loss(batch, out)
+                    loss = sum(terms.values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 method.after_backward()
@@ -398,6 +415,18 @@ class Trainer:
             entry["time"] = round(time.perf_counter() - e0, 6)
             if log_file is not None:
                 log_file.write(json.dumps(entry) + "\n")
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"task {t + 1}/{self.T} epoch {epoch + 1}/{hp.epochs} loss {last_loss:.4f}",
+                                          refresh=False)
+                self._bar.update(1)
+            if not math.isfinite(last_loss):
+                bad = ", ".join(f"{k}={entry[k]}" for k in sums if not math.isfinite(entry[k]))
+                kept = (f"the last good checkpoint, {self._ckpt_path(t - 1)}, is kept" if t > 0 and self.run_dir
+                        else "no task had finished, so there is no checkpoint")
+                raise NonFiniteLoss(
+                    f"task {t} epoch {epoch}: the training loss is not finite ({bad}); training stopped and "
+                    f"{kept}. Lower the learning rate (--set lr=...) or set grad_clip, then run again "
+                    "(--resume continues from the checkpoint)")
         if best[2] is not None:
             model.load_state_dict(best[2])
         self._teacher = self._teacher_pos = None  # only needed while training
@@ -516,6 +545,11 @@ class Trainer:
             log_path.write_text("")
         t_run = time.perf_counter()
         log_file = open(log_path, "a", buffering=1) if log_path is not None else None
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=T * self.hp.epochs, initial=start * self.hp.epochs, unit="epoch",
+                             desc=self.progress_label, dynamic_ncols=True, leave=True)
         try:
             for t in range(start, T):
                 info = self._train_task(t, log_file)
@@ -530,6 +564,9 @@ class Trainer:
         finally:
             if log_file is not None:
                 log_file.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         metrics = {"step_acc": step_acc, **M.summarize(A, step_acc)}
         seconds = time.perf_counter() - t_run
         if self.run_dir is not None:
