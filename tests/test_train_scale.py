@@ -76,7 +76,7 @@ def test_epoch_order_windows_blocks_and_matches_between_resident_and_streamed(sh
     assert torch.equal(plain.epoch_order(pool, g1), pool[torch.randperm(80, generator=g2)])
 
 
-@pytest.mark.parametrize("method", ["lll", "icarl"])
+@pytest.mark.parametrize("method", ["lll", pytest.param("icarl", marks=pytest.mark.slow)])
 def test_streamed_and_in_memory_training_give_identical_accuracy_matrices(sharded, method):
     """lll: paired exemplar batches (pinned rows) and a teacher; icarl: herding over every class."""
     resident = FeatureSet.from_stores([sharded.store], shuffle_blocks=1, block_rows=8)
@@ -141,7 +141,7 @@ def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_accuracy_matrix(sh
 
     from train.trainer import read_acc_matrix
 
-    epochs = "25"
+    epochs = "20"
     ref = _cli(sharded, tmp_path / "ref", "--epochs", epochs, "-q")[0]
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "train.cli", "--cache", sharded.store, "--protocol", sharded.protocol,
@@ -169,3 +169,22 @@ def test_sigkill_mid_task_then_resume_gives_the_uninterrupted_accuracy_matrix(sh
     assert res["status"] == "ok" and res["resumed_from"] == killed_after + 1
     np.testing.assert_array_equal(np.array(res["acc_matrix"]), np.array(ref["acc_matrix"]))
     np.testing.assert_array_equal(read_acc_matrix(rdir / "acc_matrix.csv"), np.array(ref["acc_matrix"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_with_bf16_autocast_streamed_and_resident(sharded, tmp_path):
+    """On a GPU: resident features on the device, bf16 autocast recorded in the config, streamed = resident."""
+    import json
+
+    res = _cli(sharded, tmp_path / "gpu", "--epochs", "3", "-q", "--device", "cuda", "--amp", "bf16")[0]
+    assert res["status"] == "ok", res.get("error")
+    cfg = json.loads((tmp_path / "gpu" / "toy-3x2" / "lll" / "seed0" / "config.json").read_text())
+    assert cfg["amp"] == "bf16" and cfg["device"] == "cuda"
+    A = np.array(res["acc_matrix"])
+    assert np.isfinite(A).all() and A[0, 0] > 0.5
+    resident = FeatureSet.from_stores([sharded.store], device="cuda", shuffle_blocks=1, block_rows=8)
+    assert resident.streams["audio"].is_cuda and resident.streams["audio"].dtype == torch.float16
+    streamed = FeatureSet.from_stores([sharded.store], device="cuda", memory_budget=2 * 8 * 136, block_rows=8)
+    r1, r2 = _run(resident, sharded, "lll"), _run(streamed, sharded, "lll")
+    streamed.streamer.close()
+    np.testing.assert_array_equal(r1.acc_matrix, r2.acc_matrix)
