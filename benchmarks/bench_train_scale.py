@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -186,13 +187,22 @@ def av_cil_loop_epoch(ds, dims, epochs: int, plain: bool) -> list[float]:
     return times
 
 
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM: reset at exec, unlike ru_maxrss, which a child inherits)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args) -> None:
     """One RSS measurement: load the set (budget or default), train task 0 for ``epochs``; print JSON."""
     torch.set_num_threads(args.threads)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = peak_rss()
     fs = FeatureSet.from_stores([args.store], memory_budget=args.budget)
     entries = trainer_epochs(fs, args.proto, "finetune", args.epochs, tasks=1)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     times = [e["time"] for e in entries[1:]] or [entries[0]["time"]]
     n = len(entries) and 826
     print(json.dumps({"streamed": fs.streamed, "samples_per_s": n / float(np.mean(times)), "epoch_s": times,
@@ -227,9 +237,8 @@ def main(argv=None) -> str:
     torch.set_num_threads(args.threads)
     root = Path(args.data)
     root.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
+    load0 = os.getloadavg()[0]
     store, proto = ave_shaped(root)
-    build_s = time.perf_counter() - t
     fs = FeatureSet.from_stores([store])
     protocol = load_protocol(proto).bind(fs.manifest)
     hp, _, _ = av_cil_hp("finetune", args.epochs)
@@ -271,9 +280,9 @@ def main(argv=None) -> str:
         f"`benchmarks/bench_train_scale.py --threads {args.threads} --epochs {E}` ({time.strftime('%Y-%m-%d')}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; shared 2-core machine, so absolute numbers vary with its load). AVE-shaped "
-        f"store: 4088 clips, audio (250, 128) + visual (8, 1024) float16 ({fs.nbytes() * mb:.0f} MB; built in "
-        f"{build_s:.0f} s), 4 tasks x 7 classes, memory 340; `guided` head (d_model 256), `--preset av-cil`. "
-        f"Medians of the epochs after the first.",
+        f"store: 4088 clips, audio (250, 128) + visual (8, 1024) float16 ({fs.nbytes() * mb:.0f} MB), 4 tasks x 7 classes, memory 340; `guided` head (d_model 256), `--preset av-cil`. "
+        f"Medians of the epochs after the first. Load average at the start / end: {load0:.1f} / "
+        f"{os.getloadavg()[0]:.1f} (on 2 cores: above 2, other jobs took part of the machine).",
         "",
         "| what | seconds / epoch of task 0 (826 clips) | ratio |",
         "|---|---:|---:|",
