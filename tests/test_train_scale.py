@@ -188,3 +188,40 @@ def test_cuda_run_with_bf16_autocast_streamed_and_resident(sharded, tmp_path):
     r1, r2 = _run(resident, sharded, "lll"), _run(streamed, sharded, "lll")
     streamed.streamer.close()
     np.testing.assert_array_equal(r1.acc_matrix, r2.acc_matrix)
+
+
+# -- batched seeds ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lll", pytest.param("finetune", marks=pytest.mark.slow)])
+def test_batched_seeds_give_the_accuracy_matrices_of_separate_runs(sharded, tmp_path, method):
+    from train.batched import fit_batched, why_not_batched
+
+    fs = FeatureSet.from_stores([sharded.store])
+    head = {**HEAD, "dropout": 0.0}
+
+    def trainer(seed, **kw):
+        return Trainer(fs, load_protocol(sharded.protocol), build_method(method, TINY), head_config=head,
+                       seed=seed, **kw)
+
+    separate = [trainer(s).fit() for s in (0, 1, 2)]
+    batched = fit_batched([trainer(s) for s in (0, 1, 2)])
+    for a, b in zip(separate, batched):
+        np.testing.assert_array_equal(a.acc_matrix, b.acc_matrix)
+    assert not np.array_equal(separate[0].acc_matrix, separate[1].acc_matrix)  # the seeds do differ
+    # dropout draws masks per run: not batched
+    with_dropout = [Trainer(fs, load_protocol(sharded.protocol), build_method(method, TINY),
+                            head_config={**HEAD, "dropout": 0.1}, seed=s) for s in (0, 1)]
+    assert "dropout" in why_not_batched(with_dropout)
+
+
+def test_cli_batch_seeds_writes_the_runs_of_separate_seeds(sharded, tmp_path):
+    base = ["--set", "head.dropout=0", "--epochs", "3", "-q", "--seeds", "0,1"]
+    sep = _cli(sharded, tmp_path / "sep", *base)
+    bat = _cli(sharded, tmp_path / "bat", *base, "--batch-seeds")
+    assert [r["seed"] for r in bat] == [0, 1] and all(r.get("batched_seeds") == 2 for r in bat)
+    for a, b in zip(sep, bat):
+        assert a["acc_matrix"] == b["acc_matrix"]
+        rdir = tmp_path / "bat" / "toy-3x2" / "lll" / f"seed{b['seed']}"
+        assert (rdir / "metrics.json").is_file() and (rdir / "config.json").is_file()
+    # a configuration that is not sound batched (dropout) runs seed by seed, with the same results
+    drop = _cli(sharded, tmp_path / "drop", "--epochs", "2", "-q", "--seeds", "0,1", "--batch-seeds")
+    assert all(r["status"] == "ok" and "batched_seeds" not in r for r in drop)

@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -145,7 +146,10 @@ def fit_batched(trainers: list[Trainer]) -> list[RunResult]:
                     idxs.append(idx)
                 xs = [fs.batch(i, streams) for i in idxs]
                 x = {name: torch.stack([xk[name] for xk in xs]) for name in streams}
-                out = batched(params, buffers, x)
+                with warnings.catch_warnings():
+                    # attention has no batching rule on CPU yet: vmap loops over the seeds for that op only
+                    warnings.filterwarnings("ignore", message=".*batching rule.*")
+                    out = batched(params, buffers, x)
                 total = 0.0
                 for k, tr in enumerate(trainers):
                     batch = {"idx": idxs[k], "x": xs[k], "y": tr.y[idxs[k]]}
@@ -196,3 +200,58 @@ def fit_batched(trainers: list[Trainer]) -> list[RunResult]:
         results.append(RunResult(A[k], step_acc[k], metrics, str(tr.run_dir) if tr.run_dir else None, None, seconds,
                                  {"batched_seeds": S}))
     return results
+
+
+def run_seed_groups(specs, run_rest) -> list[dict]:
+    """Sweep results (as :func:`train.sweep.run_one` gives them, in spec order) with the seeds of each
+    configuration trained by :func:`fit_batched` where :func:`why_not_batched` allows;
+    ``run_rest(specs)`` runs the other specs (single seeds, unbatchable groups)."""
+    import dataclasses
+    import traceback
+
+    from train.sweep import _configure_logging, prepare_trainer
+
+    groups: dict = {}
+    for s in specs:
+        groups.setdefault(dataclasses.replace(s, seed=0), []).append(s)
+    results: dict[int, dict] = {}
+    rest = []
+    for group in groups.values():
+        if len(group) < 2:
+            rest += group
+            continue
+        _configure_logging(group[0].verbose)
+        prepared, group_results = [], []
+        for spec in group:
+            res = {"method": spec.method, "head": spec.head, "seed": spec.seed, "status": "failed",
+                   "run_dir": None, "protocol": spec.protocol}
+            try:
+                tr = prepare_trainer(spec, res)
+            except Exception as e:  # noqa: BLE001 - reported like a failed run
+                res.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                tr = None
+            group_results.append(res)
+            if tr is not None:
+                prepared.append((spec, tr, res))
+        reason = why_not_batched([tr for _, tr, _ in prepared])
+        if reason is not None or any(spec.resume for spec, _, _ in prepared):
+            rest += [spec for spec, _, _ in prepared]
+            group_results = [r for r in group_results if r not in [p[2] for p in prepared]]
+        else:
+            try:
+                outs = fit_batched([tr for _, tr, _ in prepared])
+                for (spec, tr, res), out in zip(prepared, outs):
+                    res.update(status="ok", metrics=out.metrics, acc_matrix=out.acc_matrix.tolist(),
+                               seconds=round(out.seconds, 3), resumed_from=None, batched_seeds=len(prepared))
+            except Exception as e:  # noqa: BLE001
+                tb = traceback.format_exc()
+                for _, tr, res in prepared:
+                    res.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=tb)
+                    if tr.run_dir is not None:
+                        (tr.run_dir / "error.txt").write_text(tb)
+        for res in group_results:
+            results[specs.index(next(s for s in group if s.seed == res["seed"]))] = res
+    if rest:
+        for spec, res in zip(rest, run_rest(rest)):
+            results[specs.index(spec)] = res
+    return [results[i] for i in range(len(specs))]

@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-memory", metavar="SIZE",
                    help="memory for the feature streams, e.g. 8G or 512M (default: half the free memory of the "
                         "device); larger streams are read from the store shard by shard while training")
+    p.add_argument("--batch-seeds", action="store_true",
+                   help="train the seeds of each method as one batched model in this process where that is "
+                        "sound (no dropout, no gradient clipping; see train/batched.py); the others run as usual")
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="bfloat16 autocast of the training step (GPU; recorded in config.json)")
     return p
@@ -227,7 +230,7 @@ def main(argv: Sequence[str] | None = None):
         if console:
             parser.exit(2, f"avcl-train: error: {e}\n")
         raise
-    results = run_sweep(specs, scheduler=args.scheduler, jobs=args.jobs)
+    results = run_sweep(specs, scheduler=args.scheduler, jobs=args.jobs, batch_seeds=args.batch_seeds)
     print(summary_table(results), file=sys.stdout)
     if console:
         return 1 if any(r["status"] == "failed" for r in results) else 0

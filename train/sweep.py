@@ -213,64 +213,74 @@ def auto_threads(fs, hp, head_cfg, parallel: int = 1) -> int:
 
 
 # -- the unit of work ------------------------------------------------------------------
-def run_one(spec: RunSpec) -> dict:
-    """Train one (method, head, seed) run; never raises (see the module docstring)."""
+def prepare_trainer(spec: RunSpec, result: dict):
+    """The :class:`~train.trainer.Trainer` of ``spec`` with its run directory and ``config.json`` ready,
+    or None when the run is already done (``result`` updated to ``skipped``). Fills ``result``'s
+    ``protocol``, ``run_dir`` and ``head``; raises on any error (:func:`run_one` catches)."""
     import torch
 
+    from train.methods import build_method
+    from train.methods.presets import resolve_options
+    from train.trainer import Trainer, _device
+
+    proto_name = protocol_name(spec)
+    result["protocol"] = proto_name
+    rdir = run_dir(spec, proto_name)
+    result["run_dir"] = str(rdir)
+    device = _device(spec.device)
+    fs = load_features(spec, device)
+    protocol = resolve_protocol_for(spec, fs.manifest).bind(fs.manifest)
+    if spec.memory is not None and spec.class_order is None:
+        protocol = dataclasses.replace(protocol, memory=int(spec.memory), memory_per_class=0)
+    hp, head, head_cfg = resolve_options(spec.method, spec.head, spec.preset, protocol.name,
+                                         dict(spec.overrides), spec.epochs, strict_head=False)
+    result["head"] = head
+    torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
+    cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
+    # Float sums differ with the thread count, so runs repeat bit-exactly for the same
+    # count; it is recorded (outside the config hash, which says what is trained).
+    cfg["torch_threads"] = torch.get_num_threads()
+    cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
+    if met_path.is_file() and not spec.force:
+        old = _read_json(cfg_path)
+        if old.get("config_hash") == cfg["config_hash"]:
+            result.update(status="skipped", metrics=_read_json(met_path), message="already done")
+            return None
+        raise RunRefused(
+            f"{rdir} holds a finished run with a different configuration "
+            f"(config_hash {str(old.get('config_hash'))[:12]} vs {cfg['config_hash'][:12]}); "
+            "pass --force to overwrite it or choose another --out")
+    resume = spec.resume and not spec.force
+    if rdir.exists() and not resume:
+        for p in list(rdir.glob("ckpt_task*.pt")) + [rdir / n for n in
+                                                      ("log.jsonl", "acc_matrix.csv", "metrics.json", "error.txt")]:
+            if p.is_file():
+                p.unlink()
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "error.txt").unlink(missing_ok=True)
+    tmp = rdir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2))
+    tmp.replace(cfg_path)
+    method = build_method(spec.method, hp)
+    label = f"[{proto_name} {run_label(spec.method, spec.head)} seed{spec.seed}] "
+    trainer = Trainer(fs, protocol, method, head=head, head_config=head_cfg, seed=spec.seed,
+                      select=spec.select, device=device, run_dir=rdir, config_hash=cfg["config_hash"],
+                      progress=lambda msg: log.info(label + msg),
+                      progress_bar=spec.verbose and spec.parallel == 1, amp=spec.amp)
+    trainer.progress_label = label.strip()
+    return trainer
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Train one (method, head, seed) run; never raises (see the module docstring)."""
     _configure_logging(spec.verbose)
     result: dict[str, Any] = {"method": spec.method, "head": spec.head, "seed": spec.seed, "status": "failed",
                               "run_dir": None, "protocol": spec.protocol}
-    rdir: Path | None = None
     try:
-        from train.methods import build_method
-        from train.methods.presets import resolve_options
-        from train.trainer import Trainer, _device
-
-        proto_name = protocol_name(spec)
-        result["protocol"] = proto_name
-        rdir = run_dir(spec, proto_name)
-        result["run_dir"] = str(rdir)
-        device = _device(spec.device)
-        fs = load_features(spec, device)
-        protocol = resolve_protocol_for(spec, fs.manifest).bind(fs.manifest)
-        if spec.memory is not None and spec.class_order is None:
-            protocol = dataclasses.replace(protocol, memory=int(spec.memory), memory_per_class=0)
-        hp, head, head_cfg = resolve_options(spec.method, spec.head, spec.preset, protocol.name,
-                                             dict(spec.overrides), spec.epochs, strict_head=False)
-        result["head"] = head
-        torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
-        cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
-        # Float sums differ with the thread count, so runs repeat bit-exactly for the same
-        # count; it is recorded (outside the config hash, which says what is trained).
-        cfg["torch_threads"] = torch.get_num_threads()
-        cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
-        if met_path.is_file() and not spec.force:
-            old = _read_json(cfg_path)
-            if old.get("config_hash") == cfg["config_hash"]:
-                result.update(status="skipped", metrics=_read_json(met_path), message="already done")
-                return result
-            raise RunRefused(
-                f"{rdir} holds a finished run with a different configuration "
-                f"(config_hash {str(old.get('config_hash'))[:12]} vs {cfg['config_hash'][:12]}); "
-                "pass --force to overwrite it or choose another --out")
+        trainer = prepare_trainer(spec, result)
+        if trainer is None:
+            return result
         resume = spec.resume and not spec.force
-        if rdir.exists() and not resume:
-            for p in list(rdir.glob("ckpt_task*.pt")) + [rdir / n for n in
-                                                          ("log.jsonl", "acc_matrix.csv", "metrics.json", "error.txt")]:
-                if p.is_file():
-                    p.unlink()
-        rdir.mkdir(parents=True, exist_ok=True)
-        (rdir / "error.txt").unlink(missing_ok=True)
-        tmp = rdir / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2))
-        tmp.replace(cfg_path)
-        method = build_method(spec.method, hp)
-        label = f"[{proto_name} {run_label(spec.method, spec.head)} seed{spec.seed}] "
-        trainer = Trainer(fs, protocol, method, head=head, head_config=head_cfg, seed=spec.seed,
-                          select=spec.select, device=device, run_dir=rdir, config_hash=cfg["config_hash"],
-                          progress=lambda msg: log.info(label + msg),
-                          progress_bar=spec.verbose and spec.parallel == 1, amp=spec.amp)
-        trainer.progress_label = label.strip()
         res = trainer.fit(resume=resume)
         result.update(status="ok", metrics=res.metrics, acc_matrix=res.acc_matrix.tolist(),
                       seconds=round(res.seconds, 3), resumed_from=res.resumed_from)
@@ -279,6 +289,7 @@ def run_one(spec: RunSpec) -> dict:
     except Exception as e:  # noqa: BLE001 - one failed run must not stop a sweep
         tb = traceback.format_exc()
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        rdir = Path(result["run_dir"]) if result.get("run_dir") else None
         if rdir is not None:
             try:
                 rdir.mkdir(parents=True, exist_ok=True)
@@ -298,14 +309,23 @@ def _read_json(path: Path) -> dict:
 
 
 # -- executors -------------------------------------------------------------------------------
-def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int = 1) -> list[dict]:
-    """Run every spec; results in spec order. See the module docstring for the executors."""
+def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int = 1,
+              batch_seeds: bool = False) -> list[dict]:
+    """Run every spec; results in spec order. See the module docstring for the executors.
+
+    ``batch_seeds``: the seeds of each (method, head) configuration train as one
+    batched model in this process where that is sound (:mod:`train.batched`),
+    the other runs as usual."""
     # each run directory is written by exactly one task: one spec per (out, protocol, run label, seed)
     unique: dict[tuple, RunSpec] = {}
     for s in specs:
         key = (s.out, s.protocol, s.class_order, run_label(s.method, s.head), s.seed)
         unique.setdefault(key, s)
     specs = list(unique.values())
+    if batch_seeds:
+        from train.batched import run_seed_groups
+
+        return run_seed_groups(specs, lambda rest: run_sweep(rest, scheduler=scheduler, jobs=jobs))
     if scheduler:
         return _run_dask(specs, scheduler)
     if jobs <= 1 or len(specs) <= 1:
