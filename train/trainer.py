@@ -28,6 +28,12 @@ dropout) and a local ``torch.Generator`` (shuffling) are seeded from ``(seed, t)
 so a run resumed from the checkpoint of task ``t-1`` continues exactly as an
 uninterrupted run would.
 
+Watching long runs: ``progress_bar=True`` shows a tqdm bar over all epochs of
+all tasks (loss, ETA). A loss that is NaN or infinite over an epoch (checked
+once per epoch, with the logged mean, so no step waits for the device) stops
+the run with :class:`NonFiniteLoss` naming the task and epoch; the checkpoint of
+the last finished task is kept and nothing of the failed task is written.
+
 Run directory files written here: ``log.jsonl`` (one line per epoch),
 ``ckpt_task<t>.pt`` (model, classifier size, memory, method state, accuracy rows;
 no optimiser), ``acc_matrix.csv`` and, last, ``metrics.json``.
