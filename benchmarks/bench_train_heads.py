@@ -20,6 +20,7 @@ same threads) that the step's FLOPs reach. ``--write`` records the section.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -89,6 +90,7 @@ def main(argv=None) -> str:
     p.add_argument("--write", action="store_true", help="record the result in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()[0]
     dims = {"audio": (250, 128), "visual": (8, 1024)}
     model, x, y = make(args.batch, 28, dims)
     flops = {plain: step_flops(model, x, y, plain) for plain in (True, False)}
@@ -114,7 +116,8 @@ def main(argv=None) -> str:
         "",
         f"`benchmarks/bench_train_heads.py --threads {args.threads} --rounds {args.rounds} --steps {args.steps}` "
         f"({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; shared machine). "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; shared machine, load average "
+        f"{load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end). "
         f"`guided` head (d_model 256, 4 heads, dropout 0.1) + 28-class classifier, cross-entropy, Adam; "
         f"batch {args.batch} (256 + 128 exemplars) of audio (250, 128) + visual (8, 1024) float32; "
         "median of the interleaved rounds.",
