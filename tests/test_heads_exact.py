@@ -104,6 +104,6 @@ def test_guided_trains_the_same_with_fast_and_plain_forward():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        runs.append((float(loss), torch.cat([p.detach().flatten() for p in head.parameters()])))
+        runs.append((float(loss.detach()), torch.cat([p.detach().flatten() for p in head.parameters()])))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-9)
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-7, atol=1e-9)
