@@ -14,15 +14,18 @@ from train_fixtures import gaussian_features, make_toy, toy_manifest, write_stor
 from train.features import FeatureSet, FeatureSetError
 
 
-def test_loads_streams_as_float32_and_gathers_batches(tmp_path):
+def test_holds_streams_as_float16_and_gathers_float32_batches(tmp_path):
     toy = make_toy(tmp_path, n_classes=4, rows_per_shard=8)  # several shards
     fs = FeatureSet.from_stores([toy.store])
     n = len(toy.manifest)
     assert len(fs) == n
     assert fs.dims == {"audio": (4, 8), "visual": (3, 12)}
-    assert fs.streams["audio"].dtype == torch.float32 and fs.streams["audio"].shape == (n, 4, 8)
+    # resident as stored (half the memory of float32), widened per batch
+    assert fs.streams["audio"].dtype == torch.float16 and fs.streams["audio"].shape == (n, 4, 8)
+    assert fs.nbytes() == n * (4 * 8 + 3 * 12) * 2
     idx = torch.tensor([5, 0, 17])
     b = fs.batch(idx)
+    assert b["audio"].dtype == torch.float32
     # the values are exactly the float16 numbers stored, widened
     np.testing.assert_array_equal(b["visual"].numpy(), toy.features["visual"][[5, 0, 17]].astype(np.float32))
     np.testing.assert_array_equal(b["audio"].numpy(), toy.features["audio"][[5, 0, 17]].astype(np.float32))

@@ -208,7 +208,8 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
                epochs: int | None = None, streams: Mapping[str, str] | None = None,
                class_order: str | None = None, classes_per_task: int | None = None, base: int | None = None,
                memory: int | None = None, select: str = "last", device: str = "auto", force: bool = False,
-               resume: bool = False, threads: int = 0, verbose: bool = False) -> list[RunSpec]:
+               resume: bool = False, threads: int = 0, verbose: bool = False,
+               feature_memory: str | None = None, amp: str = "none") -> list[RunSpec]:
     """One :class:`~train.sweep.RunSpec` per (method, head, seed), every name and option checked first.
 
     ``stores``: a store path (or fsspec URL, ``PATH@KEY`` to require a key prefix), a list of
@@ -219,7 +220,9 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
     pairs (method hyper-parameters, ``head.``-prefixed head options; values may be strings).
     ``protocol``: a protocol name (shipped, or in an ``AVCL_PROTOCOLS`` folder) or a file; or,
     with ``class_order`` + ``classes_per_task`` (+ ``base``), the name of a new protocol over
-    the first store's manifest. The other arguments are those of ``avcl-train``.
+    the first store's manifest. ``feature_memory``: the FeatureSet's memory budget (size text,
+    e.g. ``"8G"``; larger streams are streamed from the store). The other arguments are those of
+    ``avcl-train``.
 
     Raises :class:`SpecError`, :class:`~train.heads.base.OptionError`,
     :class:`~train.methods.presets.PresetError` or a store error before anything is trained.
@@ -271,6 +274,10 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
         options = list(options.items())
     overrides = tuple((str(k), _option_text(v)) for k, v in (options or ()))
     load_preset(preset)  # fail early on an unknown preset
+    if feature_memory is not None:
+        from train.features import parse_size
+
+        parse_size(feature_memory)  # fail early on a malformed size
     for path, key in zip(caches, keys or [None] * len(caches)):
         open_store(path, key=key)  # fail early on a missing, incomplete or mismatched store
     seed_list = parse_seeds(seeds)
@@ -281,7 +288,7 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
                 out=str(Path(out).resolve()), protocol=protocol, class_order=class_order,
                 classes_per_task=classes_per_task, memory=memory, base=base, preset=preset, overrides=overrides,
                 epochs=epochs, select=select, device=device, force=force, resume=resume, threads=threads,
-                verbose=verbose, plugins=tuple(dict.fromkeys(plugins)))
+                verbose=verbose, plugins=tuple(dict.fromkeys(plugins)), feature_memory=feature_memory, amp=amp)
         for m in method_list for h in head_list for s in seed_list
     ]
     # validate the protocol, presets and --set keys before any training starts
@@ -304,10 +311,13 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
     return specs
 
 
-def run_specs(specs: Sequence[RunSpec], jobs: int = 1, scheduler: str | None = None) -> list[dict]:
+def run_specs(specs: Sequence[RunSpec], jobs: int = 1, scheduler: str | None = None,
+              batch_seeds: bool = False) -> list[dict]:
     """Run the specs (in this process; in ``jobs`` local processes; or on a dask ``scheduler``
-    address / ``local:N``) and return :func:`train.sweep.run_one`'s result dicts in spec order."""
-    return run_sweep(list(specs), scheduler=scheduler, jobs=jobs)
+    address / ``local:N``) and return :func:`train.sweep.run_one`'s result dicts in spec order.
+    ``batch_seeds``: train the seeds of a configuration as one batched model where that is sound
+    (:mod:`train.batched`)."""
+    return run_sweep(list(specs), scheduler=scheduler, jobs=jobs, batch_seeds=batch_seeds)
 
 
 # -- one call --------------------------------------------------------------------------------------

@@ -96,7 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue interrupted runs from their last task checkpoint")
     p.add_argument("--force", action="store_true", help="retrain runs that are already done")
     p.add_argument("--out", metavar="RUNDIR", help="root of the run directories (required)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-task progress lines")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no per-task progress lines")
+    p.add_argument("--feature-memory", metavar="SIZE",
+                   help="memory for the feature streams, e.g. 8G or 512M (default: half the free memory of the "
+                        "device); larger streams are read from the store shard by shard while training")
+    p.add_argument("--batch-seeds", action="store_true",
+                   help="train the seeds of each method as one batched model in this process where that is "
+                        "sound (no dropout, no gradient clipping; see train/batched.py); the others run as usual")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bfloat16 autocast of the training step (GPU; recorded in config.json)")
     return p
 
 
@@ -126,7 +134,8 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
         options=_pairs(args.overrides, "--set"), preset=args.preset, epochs=args.epochs,
         streams=dict(_pairs(args.stream, "--stream")) or None, class_order=args.class_order,
         classes_per_task=args.classes_per_task, base=args.base, memory=args.memory, select=args.select,
-        device=args.device, force=args.force, resume=args.resume, threads=args.threads, verbose=not args.quiet)
+        device=args.device, force=args.force, resume=args.resume, threads=args.threads, verbose=not args.quiet,
+        feature_memory=args.feature_memory, amp=args.amp)
 
 
 def main(argv: Sequence[str] | None = None):
@@ -149,7 +158,7 @@ def main(argv: Sequence[str] | None = None):
         if console:
             parser.exit(2, f"avcl-train: error: {e}\n")
         raise
-    results = run_specs(specs, scheduler=args.scheduler, jobs=args.jobs)
+    results = run_specs(specs, scheduler=args.scheduler, jobs=args.jobs, batch_seeds=args.batch_seeds)
     print(summary_table(results), file=sys.stdout)
     if console:
         return 1 if any(r["status"] == "failed" for r in results) else 0

@@ -1,11 +1,28 @@
 """FeatureSet: the feature streams of one or more complete stores, in memory, served by index.
 
 Training never loads samples one by one: :meth:`FeatureSet.from_stores` reads
-the needed streams of each store once (shard-sized reads), keeps the rows that
-are usable, converts float16 to float32 once and moves everything to the
-training device. A batch is then an index tensor ``idx`` (B,) and
-:meth:`FeatureSet.batch` gathers ``{'audio': (B, Ta, Da), 'visual': (B, Tv, Dv)}``
-with one ``index_select`` per stream.
+the needed streams of each store in blocks of shard size, keeps the rows that
+are usable and holds them in the store's dtype (float16: half the memory of
+float32) on the training device. A batch is then an index tensor ``idx`` (B,)
+and :meth:`FeatureSet.batch` gathers ``{'audio': (B, Ta, Da), 'visual': (B, Tv, Dv)}``
+with one ``index_select`` per stream, widened to float32 per batch (float16
+values widen exactly, so results equal those of a float32-resident set).
+
+Features larger than memory: when the needed streams exceed ``memory_budget``
+bytes, nothing is loaded up front. The usable rows are cut into *blocks* of
+``block_rows`` consecutive FeatureSet indices (the primary store's rows per
+shard), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
+``budget // block bytes`` of them (least recently used out) while a background
+thread reads ahead the blocks the epoch will use next. Random batches over the
+whole set would read every block for every batch, so a streamed set shuffles
+within windows (:meth:`FeatureSet.epoch_order`): the blocks are shuffled, taken
+``shuffle_blocks`` at a time, and the rows of each window are shuffled; the
+window is half the blocks that fit in the budget (the other half is the read
+ahead). The same order is used by an in-memory set given the same
+``shuffle_blocks``, so streamed and in-memory training give identical results;
+with ``shuffle_blocks=None`` (the default whenever the set fits) an epoch is a
+plain permutation of all rows. Rows pinned with :meth:`FeatureSet.pin` (the
+exemplar memory) stay resident outside the budget.
 
 Index space: FeatureSet index ``i`` is the ``i``-th usable row of the *primary*
 store (the first store given), in store row order. ``rows[i]`` is that row's
@@ -32,6 +49,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -74,6 +94,156 @@ def _normalise_shape(x: np.ndarray, name: str, path: str) -> np.ndarray:
     if x.ndim == 4:
         return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
     raise FeatureSetError(f"{path}: stream {name!r} has shape {x.shape}; expected (N, D), (N, T, D) or (N, T, P, D)")
+
+
+def _normalised_dims(shape: tuple[int, ...], name: str, path: str) -> tuple[int, int]:
+    """(T, D) of one sample of a stored stream of array shape ``shape`` (N, ...)."""
+    if len(shape) == 2:
+        return 1, int(shape[1])
+    if len(shape) == 3:
+        return int(shape[1]), int(shape[2])
+    if len(shape) == 4:
+        return int(shape[1] * shape[2]), int(shape[3])
+    raise FeatureSetError(f"{path}: stream {name!r} has shape {shape}; expected (N, D), (N, T, D) or (N, T, P, D)")
+
+
+def _resident_dtype(dtype) -> torch.dtype:
+    """float16 and float32 streams stay as stored; anything else becomes float32."""
+    return torch.float16 if np.dtype(dtype) == np.float16 else torch.float32
+
+
+def parse_size(text: str | int | float | None) -> int | None:
+    """Bytes of a size such as ``'8G'``, ``'512MB'``, ``'1.5GiB'``, ``'1000000'`` (None stays None).
+
+    K, M, G, T are powers of 1024 (with or without a trailing ``B``/``iB``).
+    """
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    t = str(text).strip().upper().replace("IB", "").rstrip("B")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise FeatureSetError(f"feature memory {text!r}: expected a size like 8G, 512M or a number of bytes") from None
+    if value <= 0:
+        raise FeatureSetError(f"feature memory {text!r} must be positive")
+    return int(value * mult)
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Free memory of ``device`` in bytes: CUDA's free memory, else the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_memory_budget(device: str | torch.device = "cpu") -> int:
+    """Half the free memory of the training device (the rest is for the model, its activations and the OS)."""
+    return available_memory(device) // 2
+
+
+@dataclass
+class _StreamSource:
+    """Where one FeatureSet stream's rows are in a store: FeatureSet index i -> ``store_rows[i]``."""
+
+    store: FeatureStore
+    name: str
+    store_rows: np.ndarray
+    dims: tuple[int, int]
+    dtype: torch.dtype
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows of FeatureSet indices ``lo..hi-1`` as a (hi-lo, T, D) tensor of the resident dtype."""
+        rows = self.store_rows[lo:hi]
+        arr = self.store.group[self.name]
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        if r1 - r0 <= 2 * rows.size:  # nearly contiguous (the primary store): one span read
+            data = arr[r0:r1][rows - r0]
+        else:  # rows scattered over another store
+            data = arr.get_orthogonal_selection((rows,))
+        data = _normalise_shape(np.asarray(data), self.name, self.store.path)
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float16 if self.dtype == torch.float16
+                                                     else np.float32))
+
+
+class BlockStreamer:
+    """Blocks of rows read from the stores on demand, at most ``capacity`` resident, read ahead in a thread.
+
+    Block ``b`` holds FeatureSet indices ``[b * block_rows, (b + 1) * block_rows)`` of
+    every stream. :meth:`get` returns a block (waiting for its read when it is
+    in flight); :meth:`prefetch` starts reads in the background thread. The
+    least recently used block is dropped when more than ``capacity`` are held.
+    """
+
+    def __init__(self, sources: dict[str, _StreamSource], n: int, block_rows: int, capacity: int) -> None:
+        self.sources, self.n, self.block_rows = sources, int(n), int(block_rows)
+        self.capacity = max(2, int(capacity))
+        self.n_blocks = -(-self.n // self.block_rows)
+        self._blocks: OrderedDict[int, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avcl-prefetch")
+        self.reads = 0  # blocks read so far (a measure of I/O, for tests and benchmarks)
+        self.max_resident = 0
+
+    def block_bytes(self) -> int:
+        return self.block_rows * sum(s.dims[0] * s.dims[1] * (2 if s.dtype == torch.float16 else 4)
+                                     for s in self.sources.values())
+
+    def _read(self, b: int) -> dict[str, torch.Tensor]:
+        lo, hi = b * self.block_rows, min(self.n, (b + 1) * self.block_rows)
+        out = {k: s.read(lo, hi) for k, s in self.sources.items()}
+        self.reads += 1
+        return out
+
+    def _make_room(self, protect) -> bool:
+        """Drop least recently used, fully read blocks outside ``protect`` until one more fits."""
+        while len(self._blocks) >= self.capacity:
+            victim = next((k for k, f in self._blocks.items() if f.done() and k not in protect), None)
+            if victim is None:
+                return False
+            del self._blocks[victim]
+        return True
+
+    def get(self, b: int) -> dict[str, torch.Tensor]:
+        """Block ``b`` ({stream: (rows, T, D)}), read now unless it is resident or being read ahead."""
+        with self._lock:
+            fut = self._blocks.get(b)
+            if fut is None:
+                self._make_room(())
+                fut = Future()
+                fut.set_result(self._read(b))
+                self._blocks[b] = fut
+            self._blocks.move_to_end(b)
+            self.max_resident = max(self.max_resident, len(self._blocks))
+        return fut.result()
+
+    def prefetch(self, blocks, protect=()) -> None:
+        """Start background reads of ``blocks`` (in order) while there is room; blocks in ``protect``
+        (the ones the current window still uses) are not dropped to make that room."""
+        keep = set(protect) | {int(b) for b in blocks}
+        with self._lock:
+            for b in blocks:
+                b = int(b)
+                if b in self._blocks:
+                    continue
+                if not self._make_room(keep):
+                    break
+                self._blocks[b] = self._pool.submit(self._read, b)
+                self.max_resident = max(self.max_resident, len(self._blocks))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _join(path: str, name: str) -> str:
@@ -131,16 +301,20 @@ def _manifest_from_arrays(store: FeatureStore) -> Manifest:
 
 @dataclass
 class FeatureSet:
-    """In-memory feature streams of the usable rows of one or more stores.
+    """Feature streams of the usable rows of one or more stores, resident or streamed.
 
     Attributes (N = number of usable rows):
 
-    * ``streams``: name -> float32 tensor (N, T, D) on ``device``;
+    * ``streams``: name -> tensor (N, T, D) in the store's dtype (float16 for
+      avcl stores) on ``device``; empty when the set is streamed (``streamer``);
     * ``class_ids``: int64 (N,) manifest class id of each row (first label of multi-label rows);
     * ``rows``: int64 (N,) row number in the primary store / its manifest;
     * ``sample_ids``: list of N str;
     * ``manifest``: the primary store's full manifest (all rows, usable or not);
-    * ``sources``: one :class:`StoreInfo` per store used.
+    * ``sources``: one :class:`StoreInfo` per store used;
+    * ``streamer``: the :class:`BlockStreamer` of a streamed set, else None;
+    * ``shuffle_blocks``: blocks per shuffling window of :meth:`epoch_order`
+      (None: one permutation of all rows); ``block_rows``: rows per block.
     """
 
     streams: dict[str, torch.Tensor]
@@ -150,22 +324,41 @@ class FeatureSet:
     manifest: Manifest
     sources: list[StoreInfo]
     excluded: dict[str, int] = field(default_factory=dict)
+    streamer: BlockStreamer | None = None
+    shuffle_blocks: int | None = None
+    block_rows: int = 0
+    stream_dims: dict[str, tuple[int, int]] = field(default_factory=dict)
+    stream_device: torch.device | None = None
 
     def __post_init__(self) -> None:
         self._row_to_index = np.full(len(self.manifest), -1, dtype=np.int64)
         self._row_to_index[self.rows] = np.arange(len(self.rows))
+        if not self.stream_dims:
+            self.stream_dims = {k: (int(v.shape[1]), int(v.shape[2])) for k, v in self.streams.items()}
+        if not self.block_rows:
+            self.block_rows = max(1, len(self.rows))
+        self._pinned: dict[str, torch.Tensor] = {}
+        self._pin_pos = np.full(len(self.rows), -1, dtype=np.int64) if self.streamer is not None else None
+        self._windows: list[np.ndarray] = []
+        self._window_of_block: dict[int, int] = {}
 
     def __len__(self) -> int:
         return int(self.rows.size)
 
     @property
+    def streamed(self) -> bool:
+        return self.streamer is not None
+
+    @property
     def device(self) -> torch.device:
+        if self.stream_device is not None:
+            return self.stream_device
         return next(iter(self.streams.values())).device
 
     @property
     def dims(self) -> dict[str, tuple[int, int]]:
         """Per stream (T, D): tokens and channels of one sample."""
-        return {k: (int(v.shape[1]), int(v.shape[2])) for k, v in self.streams.items()}
+        return dict(self.stream_dims)
 
     def split_of(self) -> np.ndarray:
         """Manifest split of each row (N,) as str."""
@@ -177,20 +370,123 @@ class FeatureSet:
         return idx[idx >= 0]
 
     def batch(self, idx: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """``{stream: features[idx]}`` for an index tensor ``idx`` (B,) on this set's device."""
-        names = self.streams.keys() if names is None else names
-        return {k: self.streams[k].index_select(0, idx) for k in names}
+        """``{stream: features[idx]}`` as float32 (B, T, D) for an index tensor ``idx`` (B,) on this set's device."""
+        names = list(self.stream_dims) if names is None else list(names)
+        if self.streamer is None:
+            return {k: self.streams[k].index_select(0, idx).float() for k in names}
+        return self._streamed_batch(idx, names)
+
+    def _streamed_batch(self, idx: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        idx_np = idx.detach().cpu().numpy().astype(np.int64)
+        out = {k: torch.empty((idx_np.size, *self.stream_dims[k]), dtype=torch.float32) for k in names}
+        pin = self._pin_pos[idx_np]
+        pinned = pin >= 0
+        if pinned.any():
+            where = torch.from_numpy(np.flatnonzero(pinned))
+            pos = torch.from_numpy(pin[pinned])
+            for k in names:
+                out[k][where] = self._pinned[k].index_select(0, pos).float()
+        block = idx_np // self.block_rows
+        needed = np.unique(block[~pinned])
+        # read ahead: the next window of the epoch's plan, else the blocks after these (a sorted pass)
+        if needed.size:
+            w = self._window_of_block.get(int(needed[0]))
+            if w is not None:
+                ahead = self._windows[w + 1] if w + 1 < len(self._windows) else np.zeros(0, np.int64)
+                protect = self._windows[w]
+            else:
+                start = int(needed[-1]) + 1
+                ahead = np.arange(start, min(self.streamer.n_blocks, start + self.streamer.capacity // 2))
+                protect = needed
+        for b in needed:
+            data = self.streamer.get(int(b))
+            sel = np.flatnonzero((block == b) & ~pinned)
+            local = torch.from_numpy(idx_np[sel] - int(b) * self.block_rows)
+            where = torch.from_numpy(sel)
+            for k in names:
+                out[k][where] = data[k].index_select(0, local).float()
+        if needed.size:
+            self.streamer.prefetch(ahead, protect=protect)
+        dev = self.device
+        return {k: v.to(dev, non_blocking=True) for k, v in out.items()} if dev.type != "cpu" else out
+
+    def pin(self, idx: np.ndarray | torch.Tensor) -> None:
+        """Keep rows ``idx`` resident (a streamed set's exemplar memory, drawn from every block at every
+        step); a no-op for a resident set. Replaces the rows pinned before."""
+        if self.streamer is None:
+            return
+        idx_np = np.unique(np.asarray(torch.as_tensor(idx).cpu(), dtype=np.int64))
+        self._pin_pos[:] = -1
+        self._pinned = {}
+        if idx_np.size == 0:
+            return
+        self._pin_pos[idx_np] = np.arange(idx_np.size)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.stream_dims}
+        block = idx_np // self.block_rows
+        for b in np.unique(block):
+            data = self.streamer.get(int(b))
+            local = torch.from_numpy(idx_np[block == b] - int(b) * self.block_rows)
+            for k in parts:
+                parts[k].append(data[k].index_select(0, local))
+        self._pinned = {k: torch.cat(v) for k, v in parts.items()}
+
+    def epoch_order(self, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The order in which one epoch visits the indices ``pool`` (a permutation of it).
+
+        ``shuffle_blocks=None``: ``pool[randperm(len(pool))]``. Otherwise (see the
+        module docstring) the blocks that ``pool`` touches are shuffled and taken
+        ``shuffle_blocks`` at a time, and each window's rows (in ``pool`` order)
+        are shuffled. Both draw from ``generator`` only, so resident and streamed
+        sets with the same ``block_rows`` and ``shuffle_blocks`` give the same order.
+        """
+        n = pool.numel()
+        if self.shuffle_blocks is None:
+            return pool[torch.randperm(n, generator=generator).to(pool.device)]
+        pool_cpu = pool.detach().cpu()
+        block = pool_cpu // self.block_rows
+        blocks = torch.unique(block)
+        blocks = blocks[torch.randperm(blocks.numel(), generator=generator)]
+        parts, windows = [], []
+        for s in range(0, blocks.numel(), self.shuffle_blocks):
+            win = blocks[s: s + self.shuffle_blocks]
+            members = pool_cpu[torch.isin(block, win)]
+            parts.append(members[torch.randperm(members.numel(), generator=generator)])
+            windows.append(win.numpy())
+        self._windows = windows
+        self._window_of_block = {int(b): w for w, win in enumerate(windows) for b in win}
+        if self.streamer is not None and windows:
+            self.streamer.prefetch(windows[0])
+        return torch.cat(parts).to(pool.device) if parts else pool[:0]
 
     def to(self, device: str | torch.device) -> "FeatureSet":
-        """This set with its streams moved to ``device`` (no copy when already there)."""
+        """This set with its streams moved to ``device`` (no copy when already there); a streamed set
+        reads on the host and moves each batch."""
         device = torch.device(device)
+        if self.streamer is not None:
+            if self.device == device:
+                return self
+            fs = FeatureSet({}, self.class_ids, self.rows, self.sample_ids, self.manifest, self.sources,
+                            dict(self.excluded), self.streamer, self.shuffle_blocks, self.block_rows,
+                            dict(self.stream_dims), device)
+            return fs
         if all(v.device == device for v in self.streams.values()):
             return self
         return FeatureSet({k: v.to(device) for k, v in self.streams.items()}, self.class_ids, self.rows,
-                          self.sample_ids, self.manifest, self.sources, dict(self.excluded))
+                          self.sample_ids, self.manifest, self.sources, dict(self.excluded),
+                          None, self.shuffle_blocks, self.block_rows, dict(self.stream_dims))
 
     def nbytes(self) -> int:
+        """Bytes of the resident streams (a streamed set: of the blocks it may hold)."""
+        if self.streamer is not None:
+            return self.streamer.capacity * self.streamer.block_bytes()
         return sum(v.element_size() * v.nelement() for v in self.streams.values())
+
+    def order_info(self) -> dict:
+        """How epochs are ordered and features held (recorded in run configs)."""
+        return {"streamed": self.streamed, "block_rows": self.block_rows, "shuffle_blocks": self.shuffle_blocks,
+                "resident_dtype": {k: str(v.dtype).removeprefix("torch.") for k, v in self.streams.items()}
+                if not self.streamed else {k: str(s.dtype).removeprefix("torch.")
+                                           for k, s in self.streamer.sources.items()}}
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -200,6 +496,9 @@ class FeatureSet:
         streams: Mapping[str, str] | None = None,
         device: str | torch.device = "cpu",
         keys: Sequence[str | None] | None = None,
+        memory_budget: int | str | None = None,
+        shuffle_blocks: int | None = None,
+        block_rows: int | None = None,
     ) -> "FeatureSet":
         """Load feature streams from ``caches`` into one FeatureSet.
 
@@ -210,6 +509,13 @@ class FeatureSet:
         one stream must be found). Each stream comes from the first store (in
         the order given) that has it. ``keys[i]`` (optional) is the key (or
         key prefix) store ``i`` must have. Store paths may be fsspec URLs.
+
+        ``memory_budget`` (bytes or a size like ``'8G'``; default
+        :func:`default_memory_budget` of ``device``): when the needed streams are
+        larger, the set is streamed (module docstring). ``block_rows`` (default:
+        the primary store's rows per shard) and ``shuffle_blocks`` (default: None
+        for a resident set, half the blocks that fit the budget for a streamed
+        one) set the epoch order of :meth:`epoch_order`.
         """
         if not caches:
             raise FeatureSetError("no feature store given (pass at least one --cache STORE)")
@@ -285,21 +591,45 @@ class FeatureSet:
             log.warning("FeatureSet: %d of %d rows excluded (%s)", n_out, usable.size,
                         ", ".join(f"{k}: {v}" for k, v in excluded.items()))
 
-        tensors: dict[str, torch.Tensor] = {}
         stream_map: dict[int, dict[str, str]] = {}
+        sources: dict[str, _StreamSource] = {}
         for name, i in provider.items():
             st = stores[i]
             store_stream = wanted[name]
-            data = st.read(store_stream)
             rows = keep if i == 0 else other_rows[i][keep]
-            data = _normalise_shape(data[rows], store_stream, st.path)
-            # float16 -> float32 once, here; the training loop only gathers
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
+            arr = st.group[store_stream]
+            sources[name] = _StreamSource(st, store_stream, rows.astype(np.int64),
+                                          _normalised_dims(tuple(arr.shape), store_stream, st.path),
+                                          _resident_dtype(arr.dtype))
             stream_map.setdefault(i, {})[name] = store_stream
-        sources = [StoreInfo(st.path, st.key, st.encoder, st.dataset, stream_map.get(i, {}))
-                   for i, st in enumerate(stores)]
+        infos = [StoreInfo(st.path, st.key, st.encoder, st.dataset, stream_map.get(i, {}))
+                 for i, st in enumerate(stores)]
         class_ids = first_labels(manifest)[keep]
-        return cls(tensors, class_ids, keep.astype(np.int64), [ids[r] for r in keep], manifest, sources, excluded)
+        n = int(keep.size)
+        block_rows = int(block_rows or min(n, primary.rows_per_shard))
+        budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
+        streamer = BlockStreamer(sources, n, block_rows, capacity=2)
+        need = n * streamer.block_bytes() // block_rows
+        dims = {k: s.dims for k, s in sources.items()}
+        common = (class_ids, keep.astype(np.int64), [ids[r] for r in keep], manifest, infos, excluded)
+        if need > budget:
+            streamer.capacity = max(2, budget // streamer.block_bytes())
+            window = shuffle_blocks or max(1, streamer.capacity // 2)
+            log.warning("FeatureSet: streams need %.1f MB > memory budget %.1f MB: streaming blocks of %d rows "
+                        "(%d resident, shuffled %d blocks at a time)", need / 2**20, budget / 2**20, block_rows,
+                        streamer.capacity, window)
+            return cls({}, *common, streamer=streamer, shuffle_blocks=window, block_rows=block_rows,
+                       stream_dims=dims, stream_device=torch.device(device))
+        # resident: filled block by block, so loading never holds more than the set plus one block
+        streamer.close()
+        tensors = {k: torch.empty((n, *s.dims), dtype=s.dtype) for k, s in sources.items()}
+        for lo in range(0, n, block_rows):
+            hi = min(n, lo + block_rows)
+            for k, s in sources.items():
+                tensors[k][lo:hi] = s.read(lo, hi)
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        return cls(tensors, *common, shuffle_blocks=shuffle_blocks, block_rows=block_rows, stream_dims=dims)
 
 
-__all__ = ["FeatureSet", "FeatureSetError", "StoreInfo", "load_store_manifest", "DEFAULT_STREAMS", "StoreError"]
+__all__ = ["BlockStreamer", "FeatureSet", "FeatureSetError", "StoreInfo", "available_memory", "default_memory_budget",
+           "load_store_manifest", "parse_size", "DEFAULT_STREAMS", "StoreError"]

@@ -71,6 +71,8 @@ class RunSpec:
     # ("method" | "head", "/abs/file.py:Class" or "module:Class") to load before the run, so
     # that a worker process knows the one-off classes the sweep was given
     plugins: tuple[tuple[str, str], ...] = ()
+    feature_memory: str | None = None  # FeatureSet memory budget (size text); None: half the free memory
+    amp: str = "none"  # 'bf16': bfloat16 autocast of the training step
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -128,12 +130,12 @@ def load_features(spec: RunSpec, device, default_streams=None):
     from train.features import FeatureSet
 
     streams = spec.streams or default_streams
-    key = (spec.caches, spec.keys, streams, str(device))
+    key = (spec.caches, spec.keys, streams, str(device), spec.feature_memory)
     if key not in _FEATURE_SETS:
         _FEATURE_SETS.clear()  # keep one set in memory per process
         _FEATURE_SETS[key] = FeatureSet.from_stores(
             list(spec.caches), streams=dict(streams) if streams else None, device=device,
-            keys=list(spec.keys) if spec.keys else None)
+            keys=list(spec.keys) if spec.keys else None, memory_budget=spec.feature_memory)
     return _FEATURE_SETS[key]
 
 
@@ -178,6 +180,11 @@ def build_config(spec: RunSpec, fs, protocol, hp, head: str, head_cfg) -> dict:
         },
         "caches": [{"key": s.key, "streams": s.streams} for s in fs.sources],
     }
+    # only where they change the results, so that earlier runs keep their hashes
+    if fs.shuffle_blocks is not None:
+        identity["epoch_order"] = {"block_rows": fs.block_rows, "shuffle_blocks": fs.shuffle_blocks}
+    if spec.amp != "none":
+        identity["amp"] = spec.amp
     cfg = dict(identity)
     cfg.update({
         "config_hash": canonical_hash(identity),
@@ -190,6 +197,9 @@ def build_config(spec: RunSpec, fs, protocol, hp, head: str, head_cfg) -> dict:
         "cache_paths": [s.as_dict() for s in fs.sources],
         "excluded_rows": fs.excluded,
         "n_rows": len(fs),
+        "features": fs.order_info(),
+        "feature_memory": spec.feature_memory,
+        "amp": spec.amp,
         "device": spec.device,
         "git": git_hash(),
         "host": socket.gethostname(),
@@ -231,70 +241,80 @@ def auto_threads(fs, hp, head_cfg, parallel: int = 1) -> int:
 
 
 # -- the unit of work ------------------------------------------------------------------
-def run_one(spec: RunSpec) -> dict:
-    """Train one (method, head, seed) run; never raises (see the module docstring)."""
+def prepare_trainer(spec: RunSpec, result: dict):
+    """The :class:`~train.trainer.Trainer` of ``spec`` with its run directory and ``config.json`` ready,
+    or None when the run is already done (``result`` updated to ``skipped``). Fills ``result``'s
+    ``protocol``, ``run_dir`` and ``head``; raises on any error (:func:`run_one` catches)."""
     import torch
 
+    from train.methods import build_method, method_class
+    from train.methods.presets import resolve_options
+    from train.trainer import Trainer, _device
+
+    load_plugins(spec)
+    proto_name = protocol_name(spec)
+    result["protocol"] = proto_name
+    rdir = run_dir(spec, proto_name)
+    result["run_dir"] = str(rdir)
+    device = _device(spec.device)
+    kind = protocol_kind(spec)
+    seg = kind in ("segmentation", "semantic")
+    fs = load_features(spec, device, SEG_STREAMS if seg else None)
+    protocol = resolve_protocol_for(spec, fs.manifest).bind(fs.manifest)
+    if spec.memory is not None and spec.class_order is None:
+        protocol = dataclasses.replace(protocol, memory=int(spec.memory), memory_per_class=0)
+    head_name = spec.head or (method_class(spec.method).default_seg_head if seg else None)
+    hp, head, head_cfg = resolve_options(spec.method, head_name, spec.preset, protocol.name,
+                                         dict(spec.overrides), spec.epochs, strict_head=False)
+    result["head"] = head if spec.head is not None or not seg else None  # labelled as its run directory
+    torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
+    cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
+    # Float sums differ with the thread count, so runs repeat bit-exactly for the same
+    # count; it is recorded (outside the config hash, which says what is trained).
+    cfg["torch_threads"] = torch.get_num_threads()
+    if seg:
+        cfg.update(problem=kind, primary_metric="miou" if kind == "semantic" else "map")
+    cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
+    if met_path.is_file() and not spec.force:
+        old = _read_json(cfg_path)
+        if old.get("config_hash") == cfg["config_hash"]:
+            result.update(status="skipped", metrics=_read_json(met_path), message="already done")
+            return None
+        raise RunRefused(
+            f"{rdir} holds a finished run with a different configuration "
+            f"(config_hash {str(old.get('config_hash'))[:12]} vs {cfg['config_hash'][:12]}); "
+            "pass --force to overwrite it or choose another --out")
+    resume = spec.resume and not spec.force
+    if rdir.exists() and not resume:
+        for p in list(rdir.glob("ckpt_task*.pt")) + [rdir / n for n in
+                                                      ("log.jsonl", "acc_matrix.csv", "metrics.json", "error.txt")]:
+            if p.is_file():
+                p.unlink()
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "error.txt").unlink(missing_ok=True)
+    tmp = rdir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2))
+    tmp.replace(cfg_path)
+    method = build_method(spec.method, hp)
+    label = f"[{proto_name} {run_label(spec.method, spec.head)} seed{spec.seed}] "
+    trainer = Trainer(fs, protocol, method, head=head, head_config=head_cfg, seed=spec.seed,
+                      select=spec.select, device=device, run_dir=rdir, config_hash=cfg["config_hash"],
+                      progress=lambda msg: log.info(label + msg),
+                      progress_bar=spec.verbose and spec.parallel == 1, amp=spec.amp)
+    trainer.progress_label = label.strip()
+    return trainer
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Train one (method, head, seed) run; never raises (see the module docstring)."""
     _configure_logging(spec.verbose)
     result: dict[str, Any] = {"method": spec.method, "head": spec.head, "seed": spec.seed, "status": "failed",
                               "run_dir": None, "protocol": spec.protocol}
-    rdir: Path | None = None
     try:
-        from train.methods import build_method
-        from train.methods.presets import resolve_options
-        from train.trainer import Trainer, _device
-
-        load_plugins(spec)
-        proto_name = protocol_name(spec)
-        result["protocol"] = proto_name
-        rdir = run_dir(spec, proto_name)
-        result["run_dir"] = str(rdir)
-        device = _device(spec.device)
-        kind = protocol_kind(spec)
-        seg = kind in ("segmentation", "semantic")
-        fs = load_features(spec, device, SEG_STREAMS if seg else None)
-        protocol = resolve_protocol_for(spec, fs.manifest).bind(fs.manifest)
-        if spec.memory is not None and spec.class_order is None:
-            protocol = dataclasses.replace(protocol, memory=int(spec.memory), memory_per_class=0)
-        from train.methods import method_class
-
-        head_name = spec.head or (method_class(spec.method).default_seg_head if seg else None)
-        hp, head, head_cfg = resolve_options(spec.method, head_name, spec.preset, protocol.name,
-                                             dict(spec.overrides), spec.epochs, strict_head=False)
-        result["head"] = head if spec.head is not None or not seg else None  # labelled as its run directory
-        torch.set_num_threads(spec.threads or auto_threads(fs, hp, head_cfg, spec.parallel))
-        cfg = build_config(spec, fs, protocol, hp, head, head_cfg)
-        # Float sums differ with the thread count, so runs repeat bit-exactly for the same
-        # count; it is recorded (outside the config hash, which says what is trained).
-        cfg["torch_threads"] = torch.get_num_threads()
-        if seg:
-            cfg.update(problem=kind, primary_metric="miou" if kind == "semantic" else "map")
-        cfg_path, met_path = rdir / "config.json", rdir / "metrics.json"
-        if met_path.is_file() and not spec.force:
-            old = _read_json(cfg_path)
-            if old.get("config_hash") == cfg["config_hash"]:
-                result.update(status="skipped", metrics=_read_json(met_path), message="already done")
-                return result
-            raise RunRefused(
-                f"{rdir} holds a finished run with a different configuration "
-                f"(config_hash {str(old.get('config_hash'))[:12]} vs {cfg['config_hash'][:12]}); "
-                "pass --force to overwrite it or choose another --out")
+        trainer = prepare_trainer(spec, result)
+        if trainer is None:
+            return result
         resume = spec.resume and not spec.force
-        if rdir.exists() and not resume:
-            for p in list(rdir.glob("ckpt_task*.pt")) + [rdir / n for n in
-                                                          ("log.jsonl", "acc_matrix.csv", "metrics.json", "error.txt")]:
-                if p.is_file():
-                    p.unlink()
-        rdir.mkdir(parents=True, exist_ok=True)
-        (rdir / "error.txt").unlink(missing_ok=True)
-        tmp = rdir / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2))
-        tmp.replace(cfg_path)
-        method = build_method(spec.method, hp)
-        label = f"[{proto_name} {run_label(spec.method, spec.head)} seed{spec.seed}] "
-        trainer = Trainer(fs, protocol, method, head=head, head_config=head_cfg, seed=spec.seed,
-                          select=spec.select, device=device, run_dir=rdir, config_hash=cfg["config_hash"],
-                          progress=lambda msg: log.info(label + msg))
         res = trainer.fit(resume=resume)
         result.update(status="ok", metrics=res.metrics, acc_matrix=res.acc_matrix.tolist(),
                       seconds=round(res.seconds, 3), resumed_from=res.resumed_from)
@@ -303,6 +323,7 @@ def run_one(spec: RunSpec) -> dict:
     except Exception as e:  # noqa: BLE001 - one failed run must not stop a sweep
         tb = traceback.format_exc()
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        rdir = Path(result["run_dir"]) if result.get("run_dir") else None
         if rdir is not None:
             try:
                 rdir.mkdir(parents=True, exist_ok=True)
@@ -322,14 +343,23 @@ def _read_json(path: Path) -> dict:
 
 
 # -- executors -------------------------------------------------------------------------------
-def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int = 1) -> list[dict]:
-    """Run every spec; results in spec order. See the module docstring for the executors."""
+def run_sweep(specs: Sequence[RunSpec], scheduler: str | None = None, jobs: int = 1,
+              batch_seeds: bool = False) -> list[dict]:
+    """Run every spec; results in spec order. See the module docstring for the executors.
+
+    ``batch_seeds``: the seeds of each (method, head) configuration train as one
+    batched model in this process where that is sound (:mod:`train.batched`),
+    the other runs as usual."""
     # each run directory is written by exactly one task: one spec per (out, protocol, run label, seed)
     unique: dict[tuple, RunSpec] = {}
     for s in specs:
         key = (s.out, s.protocol, s.class_order, run_label(s.method, s.head), s.seed)
         unique.setdefault(key, s)
     specs = list(unique.values())
+    if batch_seeds:
+        from train.batched import run_seed_groups
+
+        return run_seed_groups(specs, lambda rest: run_sweep(rest, scheduler=scheduler, jobs=jobs))
     if scheduler:
         return _run_dask(specs, scheduler)
     if jobs <= 1 or len(specs) <= 1:

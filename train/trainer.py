@@ -28,6 +28,12 @@ dropout) and a local ``torch.Generator`` (shuffling) are seeded from ``(seed, t)
 so a run resumed from the checkpoint of task ``t-1`` continues exactly as an
 uninterrupted run would.
 
+Watching long runs: ``progress_bar=True`` shows a tqdm bar over all epochs of
+all tasks (loss, ETA). A loss that is NaN or infinite over an epoch (checked
+once per epoch, with the logged mean, so no step waits for the device) stops
+the run with :class:`NonFiniteLoss` naming the task and epoch; the checkpoint of
+the last finished task is kept and nothing of the failed task is written.
+
 Run directory files written here: ``log.jsonl`` (one line per epoch),
 ``ckpt_task<t>.pt`` (model, classifier size, memory, method state, accuracy rows;
 no optimiser), ``acc_matrix.csv`` and, last, ``metrics.json``.
@@ -76,6 +82,13 @@ SPLITS = ("train", "val", "test")
 
 class TrainError(ValueError):
     """A protocol/feature-set combination the trainer cannot run; the message says why."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss became NaN or infinite; the message names the task and epoch and the checkpoint kept."""
+
+
+AMP_MODES = ("none", "bf16")
 
 
 # -- model ---------------------------------------------------------------------------
@@ -169,9 +182,17 @@ class Trainer:
         config_hash: str = "",
         eval_batch_size: int = 512,
         progress: Callable[[str], None] | None = None,
+        progress_bar: bool = False,
+        amp: str = "none",
     ) -> None:
         if select not in SELECT_MODES:
             raise TrainError(f"select must be one of {SELECT_MODES}, got {select!r}")
+        if amp not in AMP_MODES:
+            raise TrainError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+        # bfloat16 autocast of the training forward and loss (the backward follows it); evaluation stays float32
+        self.amp = amp
+        self.progress_bar = progress_bar
+        self._bar = None
         self.device = _device(device)
         self.fs = features.to(self.device)
         self.protocol = protocol.bind(self.fs.manifest)
@@ -185,6 +206,7 @@ class Trainer:
         self.config_hash = config_hash
         self.eval_batch_size = int(eval_batch_size)
         self.progress = progress or (lambda msg: log.info(msg))
+        self.progress_label = "train"
 
         self.tasks = [tuple(t) for t in self.protocol.tasks]
         self.T = len(self.tasks)
@@ -371,6 +393,7 @@ class Trainer:
         pool_t = torch.as_tensor(pool, dtype=torch.long, device=self.device)
         ex_t = torch.as_tensor(exemplars, dtype=torch.long, device=self.device)
         n, n_ex = pool_t.numel(), ex_t.numel()
+        self.fs.pin(ex_t)  # a streamed set keeps the exemplars resident: every step draws from all of them
         bs, ebs = hp.batch_size, min(hp.exemplar_batch_size, max(n_ex, 1))
         ex_order, ex_pos = None, 0
         val_idx = np.concatenate(self.split_idx["val"][: t + 1]) if self.select == "val-seen" else None
@@ -381,7 +404,7 @@ class Trainer:
             e0 = time.perf_counter()
             model.train()
             lr = opt.param_groups[0]["lr"]
-            order = pool_t[torch.randperm(n, generator=gen).to(self.device)]
+            order = self.fs.epoch_order(pool_t, gen)
             sums: dict[str, torch.Tensor] = {}
             counts: dict[str, int] = {}
             for s in range(0, n, bs):
@@ -393,9 +416,10 @@ class Trainer:
                     ex_pos += ebs
                 batch = {"idx": idx, "x": self.fs.batch(idx, self._head_streams), "y": self.y[idx]}
                 batch.update(self.problem.targets(idx))
-                out = model(batch["x"])
-                terms = method.loss(batch, out)
-                loss = sum(terms.values())
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+                    out = model(batch["x"])
+                    terms = method.loss(batch, out)
+                    loss = sum(terms.values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 method.after_backward()
@@ -420,6 +444,18 @@ class Trainer:
             entry["time"] = round(time.perf_counter() - e0, 6)
             if log_file is not None:
                 log_file.write(json.dumps(entry) + "\n")
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"task {t + 1}/{self.T} epoch {epoch + 1}/{hp.epochs} loss {last_loss:.4f}",
+                                          refresh=False)
+                self._bar.update(1)
+            if not math.isfinite(last_loss):
+                bad = ", ".join(f"{k}={entry[k]}" for k in sums if not math.isfinite(entry[k]))
+                kept = (f"the last good checkpoint, {self._ckpt_path(t - 1)}, is kept" if t > 0 and self.run_dir
+                        else "no task had finished, so there is no checkpoint")
+                raise NonFiniteLoss(
+                    f"task {t} epoch {epoch}: the training loss is not finite ({bad}); training stopped and "
+                    f"{kept}. Lower the learning rate (--set lr=...) or set grad_clip, then run again "
+                    "(--resume continues from the checkpoint)")
         if best[2] is not None:
             model.load_state_dict(best[2])
         self._teacher = self._teacher_pos = None  # only needed while training
@@ -550,6 +586,11 @@ class Trainer:
             log_path.write_text("")
         t_run = time.perf_counter()
         log_file = open(log_path, "a", buffering=1) if log_path is not None else None
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=T * self.hp.epochs, initial=start * self.hp.epochs, unit="epoch",
+                             desc=self.progress_label, dynamic_ncols=True, leave=True)
         try:
             for t in range(start, T):
                 info = self._train_task(t, log_file)
@@ -567,6 +608,9 @@ class Trainer:
         finally:
             if log_file is not None:
                 log_file.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         metrics = {"step_acc": step_acc, **M.summarize(A, step_acc)}
         seconds = time.perf_counter() - t_run
         if self.run_dir is not None:

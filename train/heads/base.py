@@ -179,6 +179,15 @@ def build_head(name: str, dims: Mapping[str, tuple[int, int]], options: Mapping[
 
 
 # -- shared layers -------------------------------------------------------------------
+def standardize_tokens(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm without its affine part: per token, (x - mean) / sqrt(var + eps) over the last axis.
+
+    The biased variance is used, as ``nn.LayerNorm`` does (it is the same kernel),
+    so ``LN(x) == standardize_tokens(x) * gamma + beta`` exactly.
+    """
+    return F.layer_norm(x, x.shape[-1:], None, None, eps)
+
+
 class TokenProjection(nn.Module):
     """LayerNorm over input channels, then Linear: (B, T, D_in) -> (B, T, d).
 
