@@ -142,7 +142,7 @@ def _from_feature_set(fs, device: str) -> tuple[tuple[str, ...], tuple[tuple[str
     if device not in ("auto", dev):
         raise SpecError(f"the FeatureSet is on {fs.device} but device={device!r} was asked for")
     S._FEATURE_SETS.clear()
-    S._FEATURE_SETS[(caches, None, streams, str(fs.device))] = fs
+    S._FEATURE_SETS[(caches, None, streams, str(fs.device), None)] = fs  # sweep.load_features' key
     return caches, streams, dev
 
 
