@@ -344,6 +344,8 @@ class Trainer:
         if method.uses_teacher and self.old_model is not None:
             self._precompute_teacher(np.unique(np.concatenate([pool, exemplars])))
         method.before_task(t)
+        # a method that fits the task in closed form (prototypes, analytic classifiers) skips the SGD epochs
+        sgd_epochs = 0 if method.fit_task(t) else hp.epochs
 
         opt, sched = self._optimizer(model.parameters())
         pool_t = torch.as_tensor(pool, dtype=torch.long, device=self.device)
@@ -355,14 +357,19 @@ class Trainer:
         best = (-1.0, -1, None)
         t0 = time.perf_counter()
         last_loss = math.nan
-        for epoch in range(hp.epochs):
+        train_acc = math.nan
+        for epoch in range(sgd_epochs):
             e0 = time.perf_counter()
             model.train()
             lr = opt.param_groups[0]["lr"]
             order = pool_t[torch.randperm(n, generator=gen).to(self.device)]
             sums: dict[str, torch.Tensor] = {}
             counts: dict[str, int] = {}
-            for s in range(0, n, bs):
+            hits = order.new_zeros(())  # correct argmax predictions of the logits on this epoch's batches
+            seen = 0
+            # drop_last: skip the final partial batch (as AV-CIL's loaders do), unless it is the only one
+            stop = n - n % bs if hp.drop_last and n > bs else n
+            for s in range(0, stop, bs):
                 idx = order[s: s + bs]
                 if n_ex:
                     if ex_order is None or ex_pos + ebs > n_ex:
@@ -382,13 +389,17 @@ class Trainer:
                 for k, v in (*terms.items(), ("loss", loss)):
                     sums[k] = sums.get(k, 0.0) + v.detach()
                     counts[k] = counts.get(k, 0) + 1
+                hits = hits + (out["logits"].detach().argmax(1) == batch["y"]).sum()
+                seen += int(idx.numel())
             if sched is not None:
                 sched.step()
             # each term's mean over the steps that had it (one host sync per term and epoch)
             entry = {"task": t, "epoch": epoch}
             entry.update({k: float(v) / counts[k] for k, v in sums.items()})
             last_loss = entry["loss"]
+            train_acc = entry["train_acc"] = float(hits) / max(seen, 1)
             if val_idx is not None:
+                method.before_eval()
                 acc = float((self.predict(val_idx) == self.y_np[val_idx]).mean())
                 entry["val_acc"] = acc
                 if acc > best[0]:
@@ -399,6 +410,7 @@ class Trainer:
                 log_file.write(json.dumps(entry) + "\n")
         if best[2] is not None:
             model.load_state_dict(best[2])
+        self._warn_near_chance(t, train_acc)
         self._teacher = self._teacher_pos = None  # only needed while training
 
         # exemplars of the new classes, chosen with the final model of this task
@@ -409,7 +421,22 @@ class Trainer:
             fn = (lambda i: self.features_of(i).cpu().numpy()) if self.memory.selection == "herding" else None
             self.memory.update(new, features_fn=fn)
         method.after_task(t)
-        return {"seconds": time.perf_counter() - t0, "loss": last_loss, "best_epoch": best[1]}
+        return {"seconds": time.perf_counter() - t0, "loss": last_loss, "best_epoch": best[1], "train_acc": train_acc}
+
+    NEAR_CHANCE = 1.5  # a task's last-epoch training accuracy below this multiple of chance is reported
+
+    def _warn_near_chance(self, t: int, train_acc: float) -> None:
+        """Warn when task ``t``'s last epoch classified its training batches barely above chance (1 / n_seen).
+
+        Settings that hardly move a head (e.g. a tiny SGD learning rate with large
+        batches on a small dataset) otherwise show up only as a poor accuracy matrix.
+        """
+        chance = 1.0 / max(self.n_seen, 1)
+        if math.isfinite(train_acc) and self.n_seen > 1 and train_acc < self.NEAR_CHANCE * chance:
+            log.warning(
+                "task %d: training accuracy of the last epoch is %.3f, near chance (%.3f for %d classes); the head "
+                "barely learnt this task: check lr, epochs and batch_size (%s, lr %g, %d epochs, batches of %d)",
+                t, train_acc, chance, self.n_seen, self.hp.optimizer, self.hp.lr, self.hp.epochs, self.hp.batch_size)
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -479,8 +506,10 @@ class Trainer:
                 log.warning("%s: unreadable checkpoint (%s); looking for an earlier one", path, e)
                 continue
             if state.get("config_hash") != self.config_hash:
-                log.warning("%s: belongs to a different configuration; not resuming from it", path)
-                return None
+                # left over from a run of another configuration in this directory (it is overwritten when
+                # this run reaches that task): look further back for one of this configuration
+                log.warning("%s: belongs to a different configuration; skipping it", path)
+                continue
             return state
         return None
 
