@@ -169,6 +169,10 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     load_preset(args.preset)  # fail early on an unknown preset
     for path, key in zip(caches, keys):
         open_store(path, key=key)  # fail early on a missing, incomplete or mismatched store
+    if "avcil" in methods:  # dense visual tokens: refuse before loading streams that would not fit
+        from train.methods.avcil import check_dense_memory
+
+        check_dense_memory(caches, dict(streams) if streams else None, args.device)
     seeds = _seeds(args.seeds)
     protocol = args.protocol
     if protocol and args.class_order is None and (protocol.endswith((".json", ".json.gz")) or "/" in protocol):
