@@ -95,10 +95,11 @@ class GrowingClassifier(nn.Module):
 class CILModel(nn.Module):
     """Head + growing classifier: ``forward(x) -> {'feature': (B, D), 'logits': (B, n_seen)}``."""
 
-    def __init__(self, head: nn.Module, n_classes: int = 0) -> None:
+    def __init__(self, head: nn.Module, n_classes: int = 0, classifier: nn.Module | None = None) -> None:
         super().__init__()
         self.head = head
-        self.classifier = GrowingClassifier(head.out_dim, n_classes)
+        # a method may bring its own classifier (same interface: n_classes, grow(n_new), forward(f) -> logits)
+        self.classifier = classifier if classifier is not None else GrowingClassifier(head.out_dim, n_classes)
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         f = self.head(x)
@@ -284,7 +285,7 @@ class Trainer:
     def _build_model(self, n_classes: int) -> CILModel:
         head = build_head(self.head_name, self.fs.dims, self.head_config)
         self._head_streams = tuple(head.streams)
-        return CILModel(head, n_classes).to(self.device)
+        return CILModel(head, n_classes, self.method.make_classifier(head.out_dim, n_classes)).to(self.device)
 
     def _optimizer(self, params) -> tuple[torch.optim.Optimizer, Any]:
         hp = self.hp

@@ -16,8 +16,9 @@ The score is an element-wise product (no sum over channels), so every channel
 has its own attention map — as in the released code. ``d_model`` = d (AV-CIL: 768).
 
 Besides the feature, every forward leaves ``self.last`` = {``audio``: a',
-``visual``: v', ``spatial``: alpha (B, F, P, Dv), ``temporal``: beta (B, F, Dv)}
-for the ``avcil`` method's contrastive terms and attention distillation.
+``visual``: v', ``pooled``: v_bar, ``spatial``: alpha (B, F, P, Dv), ``temporal``:
+beta (B, F, Dv)} for the ``avcil`` method's contrastive terms and attention
+distillation and ``afc``'s feature distillation.
 
 ``frames``: 0 (default) takes AV-CIL's 8 frames when the stream has 8 x 196
 tokens, else one frame whose positions are all the tokens; our own dense stores
@@ -89,5 +90,5 @@ class AVCILHead(Head):
         v_bar = (beta * (alpha * v).sum(dim=2)).sum(dim=1)
         a1 = F.relu(self.audio_proj(a))
         v1 = F.relu(self.visual_proj(v_bar))
-        self.last = {"audio": a1, "visual": v1, "spatial": alpha, "temporal": beta}
+        self.last = {"audio": a1, "visual": v1, "pooled": v_bar, "spatial": alpha, "temporal": beta}
         return a1 + v1

@@ -115,6 +115,11 @@ class Method:
         self.trainer = trainer
 
     # -- hooks --------------------------------------------------------------------
+    def make_classifier(self, in_dim: int, n_classes: int) -> "torch.nn.Module | None":
+        """The classifier over head features (``n_classes``, ``grow(n_new)``, ``forward(f) -> logits``);
+        None (default): the trainer's growing linear classifier."""
+        return None
+
     def before_task(self, task: int) -> None:
         """Called after the classifier has grown for ``task`` and before its first epoch."""
 

@@ -54,6 +54,27 @@ class ICaRLFCHparams(ICaRLHparams):
     classifier: str = "fc"
 
 
+def exemplar_class_means(tr, kept: torch.Tensor | None) -> torch.Tensor:
+    """Unit class means (n_seen, D) of L2-normalised head features with trainer ``tr``'s current model:
+    exemplars' where a class has them, else its training samples' (new classes), else the row of
+    ``kept`` (old classes without exemplars keep the mean they had)."""
+    n_seen = tr.n_seen
+    dim = tr.model.head.out_dim
+    means = torch.zeros(n_seen, dim, device=tr.device)
+    if kept is not None:
+        means[: kept.shape[0]] = kept[:n_seen]
+    memory = tr.memory.per_class()
+    for c in range(n_seen):
+        idx = memory.get(c)
+        if idx is None or idx.size == 0:
+            if c < tr.n_old:
+                continue  # keep the mean it had
+            idx = tr.train_indices_of_class(c)
+        feats = F.normalize(tr.features_of(idx), dim=1)
+        means[c] = F.normalize(feats.mean(dim=0), dim=0)
+    return means
+
+
 @register_method("icarl")
 class ICaRL(Method):
     Hparams = ICaRLHparams
@@ -73,24 +94,7 @@ class ICaRL(Method):
         return terms
 
     def _class_means(self, kept: torch.Tensor | None) -> torch.Tensor:
-        """Unit class means (n_seen, D) with the current model: exemplars' where a class has
-        them, else its training samples' (new classes), else the row of ``kept`` (old classes)."""
-        tr = self.trainer
-        n_seen = tr.n_seen
-        dim = tr.model.head.out_dim
-        means = torch.zeros(n_seen, dim, device=tr.device)
-        if kept is not None:
-            means[: kept.shape[0]] = kept[:n_seen]
-        memory = tr.memory.per_class()
-        for c in range(n_seen):
-            idx = memory.get(c)
-            if idx is None or idx.size == 0:
-                if c < tr.n_old:
-                    continue  # keep the mean it had
-                idx = tr.train_indices_of_class(c)
-            feats = F.normalize(tr.features_of(idx), dim=1)
-            means[c] = F.normalize(feats.mean(dim=0), dim=0)
-        return means
+        return exemplar_class_means(self.trainer, kept)
 
     def before_eval(self) -> None:
         # model selection (--select val-seen) scores epochs by the NME prediction itself: the new
