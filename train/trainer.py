@@ -285,7 +285,7 @@ class Trainer:
     def _build_model(self, n_classes: int) -> CILModel:
         head = build_head(self.head_name, self.fs.dims, self.head_config)
         self._head_streams = tuple(head.streams)
-        return CILModel(head, n_classes, self.method.make_classifier(head.out_dim, n_classes)).to(self.device)
+        return CILModel(head, n_classes, self.method.make_classifier(head, n_classes)).to(self.device)
 
     def _optimizer(self, params) -> tuple[torch.optim.Optimizer, Any]:
         hp = self.hp

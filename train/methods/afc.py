@@ -187,8 +187,8 @@ class AFC(Method):
         self._kept = None
         self._port_old: nn.Module | None = None
 
-    def make_classifier(self, in_dim: int, n_classes: int) -> nn.Module:
-        return CosineProxyClassifier(in_dim, n_classes, self.hp.K)
+    def make_classifier(self, head, n_classes: int) -> nn.Module:
+        return CosineProxyClassifier(head.out_dim, n_classes, self.hp.K)
 
     # -- features -----------------------------------------------------------------------
     @staticmethod

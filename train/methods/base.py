@@ -115,8 +115,8 @@ class Method:
         self.trainer = trainer
 
     # -- hooks --------------------------------------------------------------------
-    def make_classifier(self, in_dim: int, n_classes: int) -> "torch.nn.Module | None":
-        """The classifier over head features (``n_classes``, ``grow(n_new)``, ``forward(f) -> logits``);
+    def make_classifier(self, head: "torch.nn.Module", n_classes: int) -> "torch.nn.Module | None":
+        """The classifier over ``head``'s features (``n_classes``, ``grow(n_new)``, ``forward(f) -> logits``);
         None (default): the trainer's growing linear classifier."""
         return None
 
