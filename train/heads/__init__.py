@@ -15,6 +15,6 @@ from train.heads.base import HEADS, Head, HeadError, build_head, head_config, he
 
 # importing the modules registers the heads
 from train.heads import audio_only, guided_attention, naive_fusion, visual_only  # noqa: E402,F401
-from train.heads import avcil, cign, film  # noqa: E402,F401
+from train.heads import avcil, cign, film, prompted  # noqa: E402,F401
 
 __all__ = ["HEADS", "Head", "HeadError", "build_head", "head_config", "head_names", "register_head"]

@@ -131,7 +131,9 @@ class CIGNGrouping(nn.Module):
         self.groupings = nn.ModuleDict({m: ModalityGrouping(cfg.d_model, cfg.n_heads, cfg.depth, cfg.ffn_mult,
                                                             cfg.dropout) for m in self.modalities})
         self.tokens = nn.Parameter(torch.zeros(0, self.d))
-        self.token_fc = nn.Linear(self.d, 0)  # token CE: FC(c_i) should name class i
+        # token CE: FC(c_i) = W c_i + b should name class i
+        self.token_w = nn.Parameter(torch.zeros(0, self.d))
+        self.token_b = nn.Parameter(torch.zeros(0))
         self.last: dict[str, torch.Tensor] = {}
         if n_classes:
             self.grow(n_classes)
@@ -145,16 +147,13 @@ class CIGNGrouping(nn.Module):
         new = torch.empty(n_new, self.d, device=dev)
         nn.init.normal_(new, std=self.token_std)
         self.tokens = nn.Parameter(torch.cat([self.tokens.detach(), new]))
-        fc = nn.Linear(self.d, self.n_classes).to(dev)
-        with torch.no_grad():
-            old = self.token_fc.out_features
-            fc.weight[:old] = self.token_fc.weight
-            fc.bias[:old] = self.token_fc.bias
-        self.token_fc = fc
+        fc = nn.Linear(self.d, n_new).to(dev)  # new rows initialised like nn.Linear, old rows kept
+        self.token_w = nn.Parameter(torch.cat([self.token_w.detach(), fc.weight.detach()]))
+        self.token_b = nn.Parameter(torch.cat([self.token_b.detach(), fc.bias.detach()]))
 
     def token_logits(self) -> torch.Tensor:
         """FC(c_i) (n_classes, n_classes)."""
-        return self.token_fc(self.tokens)
+        return F.linear(self.tokens, self.token_w, self.token_b)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         t = f.view(f.shape[0], -1, self.d)
@@ -170,7 +169,9 @@ class CIGNGrouping(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         tok = state_dict.get(prefix + "tokens")
         if tok is not None and tok.shape[0] != self.n_classes:
-            self.tokens = nn.Parameter(torch.zeros(0, self.d, device=self.tokens.device))
-            self.token_fc = nn.Linear(self.d, 0).to(self.tokens.device)
+            dev = self.tokens.device
+            self.tokens = nn.Parameter(torch.zeros(0, self.d, device=dev))
+            self.token_w = nn.Parameter(torch.zeros(0, self.d, device=dev))
+            self.token_b = nn.Parameter(torch.zeros(0, device=dev))
             self.grow(int(tok.shape[0]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
