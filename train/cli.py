@@ -193,13 +193,14 @@ def build_specs(args: argparse.Namespace) -> list[RunSpec]:
     except ProtocolError as e:
         raise CliError(str(e)) from None
     _, head_keys = split_overrides(dict(overrides))
+    # a head key must be valid for some head of the sweep (methods may bring different default heads)
+    used = list(dict.fromkeys(h or method_class(m).default_head for m in methods for h in heads))
+    valid = {k for h in used for k in option_names(head_class(h).Config)}
+    bad = sorted(set(head_keys) - valid)
+    if bad:
+        raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; valid head keys for "
+                          f"{', '.join(used)}: {', '.join('head.' + k for k in sorted(valid))}")
     for m in methods:
-        used = [h or method_class(m).default_head for h in heads]
-        valid = {k for h in used for k in option_names(head_class(h).Config)}
-        bad = sorted(set(head_keys) - valid)
-        if bad:
-            raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; valid head keys for "
-                              f"{', '.join(used)}: {', '.join('head.' + k for k in sorted(valid))}")
         for h in heads:
             resolve_options(m, h, args.preset, proto, dict(overrides), args.epochs, strict_head=False)
     return specs
