@@ -19,7 +19,10 @@ from train.report import DEFAULT_METRICS, METRICS, ReportError, make_report
               help="Folder for table.md, table.csv and the PNG plots (created if missing).")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS), show_default=True,
               help=f"Comma-separated table columns per protocol; any of: {', '.join(METRICS)}.")
-def main(rundirs: tuple[str, ...], out_dir: str, metrics: str) -> None:
+@click.option("--published", is_flag=True,
+              help="Also print the papers' published numbers (manifests/published) beside ours, per method and "
+                   "protocol, marking which of ours ran with the paper's settings; written to published.md.")
+def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, published: bool) -> None:
     """Aggregate run directories into a results table and plots.
 
     RUNDIRS are run directories (holding metrics.json, config.json,
@@ -43,6 +46,16 @@ def main(rundirs: tuple[str, ...], out_dir: str, metrics: str) -> None:
     click.echo(f"table: {report.table_csv}")
     for p in report.plots:
         click.echo(f"plot: {p}")
+    if published:
+        from pathlib import Path
+
+        from train.published import compare, find_runs
+
+        text = compare(find_runs(rundirs), only_with_ours=True)
+        path = Path(out_dir) / "published.md"
+        path.write_text(text)
+        click.echo(text)
+        click.echo(f"published: {path}")
 
 
 if __name__ == "__main__":
