@@ -4,8 +4,9 @@
 the seen classes and the growing classifier, the exemplar memory, the
 optimiser and its schedule, the previous task's model (teacher), evaluation of
 every task after every task (the accuracy matrix), model selection, per-task
-checkpoints, and logs. Methods plug in through five hooks
-(:mod:`train.methods.base`).
+checkpoints, and logs. Methods plug in through a few hooks
+(:mod:`train.methods.base`); one may fit a task in closed form (``fit_task``:
+no SGD epoch then) or bring its own classifier (``make_classifier``).
 
 Label space: classes are numbered in order of arrival, so task ``t`` owns the
 output units ``[offsets[t], offsets[t+1])``; the classifier has ``n_seen =
@@ -28,7 +29,12 @@ dropout) and a local ``torch.Generator`` (shuffling) are seeded from ``(seed, t)
 so a run resumed from the checkpoint of task ``t-1`` continues exactly as an
 uninterrupted run would.
 
-Run directory files written here: ``log.jsonl`` (one line per epoch),
+Training accuracy: each epoch's log line has ``train_acc``, the fraction of the
+epoch's training samples (current and replayed) whose logits' argmax was the
+label while the model trained; a task whose last epoch stays below 1.5 x chance
+(1 / n_seen) is reported with a warning.
+
+Run directory files written here: ``log.jsonl`` (one line per SGD epoch),
 ``ckpt_task<t>.pt`` (model, classifier size, memory, method state, accuracy rows;
 no optimiser), ``acc_matrix.csv`` and, last, ``metrics.json``.
 """
