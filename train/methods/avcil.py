@@ -108,8 +108,9 @@ class AVCIL(Method):
         return LAMBDA_I.get(self.trainer.protocol.dataset, LAMBDA_I_OTHER)
 
     def before_task(self, task: int) -> None:
-        head = self.trainer.model.head
-        if not hasattr(head, "last"):
+        from train.heads.avcil import AVCILHead
+
+        if not isinstance(self.trainer.model.head, AVCILHead):
             raise OptionError(f"method 'avcil' needs head 'avcil' (its attention maps and audio/visual "
                               f"features), got head {self.trainer.head_name!r}")
 
