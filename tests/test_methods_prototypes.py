@@ -14,6 +14,7 @@ from train_fixtures import make_toy
 from train.features import FeatureSet
 from train.methods import build_method
 from train.methods.fecam import correlation, shrink_covariance
+from train.methods.ranpac import RIDGE_GRID, ridge_grid_scores, ridge_solve
 from train.trainer import Trainer
 
 TINY = {"epochs": 4, "batch_size": 16, "lr": 3e-3}
@@ -123,3 +124,13 @@ def test_prototype_state_survives_a_checkpoint(toy, tmp_path):
     again = build_method("fecam", TINY)
     again.load_state_dict(state)
     assert again.n_fitted == 6 and torch.equal(again.precisions, tr.method.precisions)
+
+
+def test_ridge_grid_from_one_eigendecomposition_equals_direct_solves():
+    gen = torch.Generator().manual_seed(0)
+    h = torch.relu(torch.randn(40, 24, generator=gen, dtype=torch.float64))
+    C = h.T @ F.one_hot(torch.arange(40) % 3, 3).double()
+    hv = torch.relu(torch.randn(7, 24, generator=gen, dtype=torch.float64))
+    grid = RIDGE_GRID[4:13]  # 1e-4 .. 1e4: well conditioned enough to compare closely
+    for lam, got in zip(grid, ridge_grid_scores(h.T @ h, C, hv, grid)):
+        torch.testing.assert_close(got, hv @ ridge_solve(h.T @ h, C, lam), rtol=1e-6, atol=1e-8)

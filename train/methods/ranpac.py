@@ -57,6 +57,14 @@ def ridge_solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.linalg.solve(G + lam * eye, C)
 
 
+def ridge_grid_scores(G: torch.Tensor, C: torch.Tensor, h: torch.Tensor, grid) -> list[torch.Tensor]:
+    """h (G + lam I)^-1 C for every lam of ``grid``, from one eigendecomposition G = Q diag(e) Q^T:
+    (G + lam I)^-1 = Q diag(1 / (e + lam)) Q^T (G is symmetric positive semi-definite)."""
+    evals, Q = torch.linalg.eigh(G)
+    QC, hQ = Q.T @ C, h @ Q
+    return [hQ @ (QC / (evals.clamp(min=0) + lam)[:, None]) for lam in grid]
+
+
 @register_method("ranpac")
 class RanPAC(PrototypeMethod):
     Hparams = RanPACHparams
@@ -113,13 +121,9 @@ class RanPAC(PrototypeMethod):
         n_val = max(1, int(round(self.hp.holdout * n)))
         val, fit = perm[:n_val], perm[n_val:]
         G_f, C_f = self._stats(h[fit], y[fit], C_old.shape[1])
-        evals, Q = torch.linalg.eigh(self.G + G_f)
-        QC = Q.T @ (C_old + C_f)
-        hv = h[val] @ Q
         best, best_acc = RIDGE_GRID[0], -1.0
-        for lam in RIDGE_GRID:
-            pred = (hv @ (QC / (evals.clamp(min=0) + lam)[:, None])).argmax(dim=1)
-            acc = float((pred == y[val]).double().mean())
+        for lam, scores in zip(RIDGE_GRID, ridge_grid_scores(self.G + G_f, C_old + C_f, h[val], RIDGE_GRID)):
+            acc = float((scores.argmax(dim=1) == y[val]).double().mean())
             if acc > best_acc:  # ties keep the smaller lambda
                 best, best_acc = lam, acc
         return best
