@@ -10,7 +10,7 @@ hold with margin on this data:
   fine-tuning, since nothing old changes after the first task;
 * the replay / distillation methods (AV-CIL, AFC, CIGN) forget less than fine-tuning.
 
-Run with ``pytest -m slow tests/test_methods_slow.py`` (several minutes on 2 cores).
+Run with ``pytest -m slow tests/test_methods_slow.py`` (about 15 minutes on 2 busy cores).
 """
 from __future__ import annotations
 
