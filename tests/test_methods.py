@@ -136,10 +136,15 @@ def toy(tmp_path_factory):
     return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol)
 
 
+# per-method options that keep a run tiny on the toy data (RanPAC's paper width M=10000 is not)
+TINY_EXTRA = {"ranpac": {"M": 64}}
+
+
 def _fit(toy, name, tmp_path=None, head=None, **opts):
     _, fs, proto = toy
-    m = build_method(name, {**TINY, **opts})
-    tr = Trainer(fs, proto, m, head=head, head_config=HEAD if head in (None, "guided") else {"d_model": 16},
+    m = build_method(name, {**TINY, **TINY_EXTRA.get(name, {}), **opts})
+    used = head or METHODS[name].default_head
+    tr = Trainer(fs, proto, m, head=head, head_config=HEAD if used == "guided" else {"d_model": 16},
                  seed=0, run_dir=tmp_path)
     return tr, tr.fit()
 

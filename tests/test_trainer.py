@@ -209,9 +209,11 @@ def _batch(b=3, seed=0):
 @pytest.mark.parametrize("name", sorted(n for n, c in HEADS.items() if not getattr(c, "segmentation", False)))
 def test_every_head_maps_a_batch_to_one_feature_per_clip(name):
     torch.manual_seed(0)
-    head = build_head(name, DIMS, {"d_model": 8} if name in ("concat", "sum") else {"d_model": 8, "n_heads": 2})
+    head = build_head(name, DIMS, {"d_model": 8} if name in ("concat", "sum", "avcil") else {"d_model": 8, "n_heads": 2})
     x = _batch()
-    assert head(x).shape == (3, 8) and head.out_dim == 8
+    # cign's head passes every projected token on to its class-token grouping classifier
+    width = 8 * sum(t for t, _ in DIMS.values()) if name == "cign" else 8
+    assert head(x).shape == (3, width) and head.out_dim == width
     only = {k: v for k, v in x.items() if k in head.streams}
     torch.testing.assert_close(head.eval()(only), head.eval()(x))  # reads nothing else
 

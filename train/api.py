@@ -280,6 +280,10 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
         parse_size(feature_memory)  # fail early on a malformed size
     for path, key in zip(caches, keys or [None] * len(caches)):
         open_store(path, key=key)  # fail early on a missing, incomplete or mismatched store
+    if "avcil" in method_list:  # dense visual tokens: refuse before loading streams that would not fit
+        from train.methods.avcil import check_dense_memory
+
+        check_dense_memory(list(caches), dict(stream_pairs) if stream_pairs else None, device)
     seed_list = parse_seeds(seeds)
     if protocol and class_order is None and (str(protocol).endswith((".json", ".json.gz")) or "/" in str(protocol)):
         protocol = str(Path(protocol).resolve())  # workers may run elsewhere
@@ -299,13 +303,14 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
     except ProtocolError as e:
         raise SpecError(str(e)) from None
     _, head_keys = split_overrides(dict(overrides))
+    # a head key must be valid for some head of the sweep (methods may bring different default heads)
+    used = list(dict.fromkeys(h or method_class(m).default_head for m in method_list for h in head_list))
+    valid = {k for h in used for k in option_names(head_class(h).Config)}
+    bad = sorted(set(head_keys) - valid)
+    if bad:
+        raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; valid head keys for "
+                          f"{', '.join(used)}: {', '.join('head.' + k for k in sorted(valid))}")
     for m in method_list:
-        used = [h or method_class(m).default_head for h in head_list]
-        valid = {k for h in used for k in option_names(head_class(h).Config)}
-        bad = sorted(set(head_keys) - valid)
-        if bad:
-            raise OptionError(f"--set: unknown key(s) {', '.join('head.' + b for b in bad)}; valid head keys for "
-                              f"{', '.join(used)}: {', '.join('head.' + k for k in sorted(valid))}")
         for h in head_list:
             resolve_options(m, h, preset, proto, dict(overrides), epochs, strict_head=False)
     return specs

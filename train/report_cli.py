@@ -34,7 +34,11 @@ from train.report import (
                    "metric one of the run's matrices (map, maxf1 = Max-F with beta 1, fscore = AVSBench "
                    f"beta^2 0.3, miou, dice), summary one of: {', '.join(SEG_SUMMARIES)}.")
 @click.option("--no-plots", is_flag=True, help="Write the tables only.")
-def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str, no_plots: bool) -> None:
+@click.option("--published", is_flag=True,
+              help="Also print the papers' published numbers (manifests/published) beside ours, per method and "
+                   "protocol, marking which of ours ran with the paper's settings; written to published.md.")
+def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str, no_plots: bool,
+         published: bool) -> None:
     """Aggregate run directories into a results table and plots.
 
     RUNDIRS are run directories (holding metrics.json, config.json,
@@ -71,6 +75,16 @@ def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str,
         click.echo(f"table: {f}")
     for p in report.plots:
         click.echo(f"plot: {p}")
+    if published:
+        from pathlib import Path
+
+        from train.published import compare, find_runs
+
+        text = compare(find_runs(rundirs), only_with_ours=True)
+        path = Path(out_dir) / "published.md"
+        path.write_text(text)
+        click.echo(text)
+        click.echo(f"published: {path}")
 
 
 if __name__ == "__main__":

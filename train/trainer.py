@@ -4,8 +4,9 @@
 the seen classes and the growing classifier, the exemplar memory, the
 optimiser and its schedule, the previous task's model (teacher), evaluation of
 every task after every task (the accuracy matrix), model selection, per-task
-checkpoints, and logs. Methods plug in through five hooks
-(:mod:`train.methods.base`).
+checkpoints, and logs. Methods plug in through a few hooks
+(:mod:`train.methods.base`); one may fit a task in closed form (``fit_task``:
+no SGD epoch then) or bring its own classifier (``make_classifier``).
 
 Label space: classes are numbered in order of arrival, so task ``t`` owns the
 output units ``[offsets[t], offsets[t+1])``; the classifier has ``n_seen =
@@ -34,7 +35,12 @@ once per epoch, with the logged mean, so no step waits for the device) stops
 the run with :class:`NonFiniteLoss` naming the task and epoch; the checkpoint of
 the last finished task is kept and nothing of the failed task is written.
 
-Run directory files written here: ``log.jsonl`` (one line per epoch),
+Training accuracy: each epoch's log line has ``train_acc``, the fraction of the
+epoch's training samples (current and replayed) whose logits' argmax was the
+label while the model trained; a task whose last epoch stays below 1.5 x chance
+(1 / n_seen) is reported with a warning.
+
+Run directory files written here: ``log.jsonl`` (one line per SGD epoch),
 ``ckpt_task<t>.pt`` (model, classifier size, memory, method state, accuracy rows;
 no optimiser), ``acc_matrix.csv`` and, last, ``metrics.json``.
 
@@ -121,10 +127,11 @@ class GrowingClassifier(nn.Module):
 class CILModel(nn.Module):
     """Head + growing classifier: ``forward(x) -> {'feature': (B, D), 'logits': (B, n_seen)}``."""
 
-    def __init__(self, head: nn.Module, n_classes: int = 0) -> None:
+    def __init__(self, head: nn.Module, n_classes: int = 0, classifier: nn.Module | None = None) -> None:
         super().__init__()
         self.head = head
-        self.classifier = GrowingClassifier(head.out_dim, n_classes)
+        # a method may bring its own classifier (same interface: n_classes, grow(n_new), forward(f) -> logits)
+        self.classifier = classifier if classifier is not None else GrowingClassifier(head.out_dim, n_classes)
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         f = self.head(x)
@@ -327,7 +334,7 @@ class Trainer:
     def _build_classifier_model(self, n_classes: int) -> CILModel:
         head = build_head(self.head_name, self.fs.dims, self.head_config)
         self._head_streams = tuple(head.streams)
-        return CILModel(head, n_classes).to(self.device)
+        return CILModel(head, n_classes, self.method.make_classifier(head, n_classes)).to(self.device)
 
     def _optimizer(self, params) -> tuple[torch.optim.Optimizer, Any]:
         hp = self.hp
@@ -388,6 +395,8 @@ class Trainer:
         if method.uses_teacher and self.old_model is not None and self.problem.precompute_teacher:
             self._precompute_teacher(np.unique(np.concatenate([pool, exemplars])))
         method.before_task(t)
+        # a method that fits the task in closed form (prototypes, analytic classifiers) skips the SGD epochs
+        sgd_epochs = 0 if method.fit_task(t) else hp.epochs
 
         opt, sched = self._optimizer(model.parameters())
         pool_t = torch.as_tensor(pool, dtype=torch.long, device=self.device)
@@ -400,14 +409,20 @@ class Trainer:
         best = (-1.0, -1, None)
         t0 = time.perf_counter()
         last_loss = math.nan
-        for epoch in range(hp.epochs):
+        train_acc = math.nan
+        classify = self.problem.kind == "classification"  # training accuracy of clip labels
+        for epoch in range(sgd_epochs):
             e0 = time.perf_counter()
             model.train()
             lr = opt.param_groups[0]["lr"]
             order = self.fs.epoch_order(pool_t, gen)
             sums: dict[str, torch.Tensor] = {}
             counts: dict[str, int] = {}
-            for s in range(0, n, bs):
+            hits = order.new_zeros(())  # correct argmax predictions of the logits on this epoch's batches
+            seen = 0
+            # drop_last: skip the final partial batch (as AV-CIL's loaders do), unless it is the only one
+            stop = n - n % bs if hp.drop_last and n > bs else n
+            for s in range(0, stop, bs):
                 idx = order[s: s + bs]
                 if n_ex:
                     if ex_order is None or ex_pos + ebs > n_ex:
@@ -429,13 +444,19 @@ class Trainer:
                 for k, v in (*terms.items(), ("loss", loss)):
                     sums[k] = sums.get(k, 0.0) + v.detach()
                     counts[k] = counts.get(k, 0) + 1
+                if classify:
+                    hits = hits + (out["logits"].detach().argmax(1) == batch["y"]).sum()
+                    seen += int(idx.numel())
             if sched is not None:
                 sched.step()
             # each term's mean over the steps that had it (one host sync per term and epoch)
             entry = {"task": t, "epoch": epoch}
             entry.update({k: float(v) / counts[k] for k, v in sums.items()})
             last_loss = entry["loss"]
+            if classify:
+                train_acc = entry["train_acc"] = float(hits) / max(seen, 1)
             if val_idx is not None:
+                method.before_eval()
                 acc = self.problem.val_score(val_idx)
                 entry["val_acc"] = acc
                 if acc > best[0]:
@@ -458,6 +479,7 @@ class Trainer:
                     "(--resume continues from the checkpoint)")
         if best[2] is not None:
             model.load_state_dict(best[2])
+        self._warn_near_chance(t, train_acc)
         self._teacher = self._teacher_pos = None  # only needed while training
 
         # exemplars of the new classes, chosen with the final model of this task
@@ -469,7 +491,22 @@ class Trainer:
             fn = (lambda i: self.features_of(i).cpu().numpy()) if self.memory.selection == "herding" else None
             self.memory.update(new, features_fn=fn)
         method.after_task(t)
-        return {"seconds": time.perf_counter() - t0, "loss": last_loss, "best_epoch": best[1]}
+        return {"seconds": time.perf_counter() - t0, "loss": last_loss, "best_epoch": best[1], "train_acc": train_acc}
+
+    NEAR_CHANCE = 1.5  # a task's last-epoch training accuracy below this multiple of chance is reported
+
+    def _warn_near_chance(self, t: int, train_acc: float) -> None:
+        """Warn when task ``t``'s last epoch classified its training batches barely above chance (1 / n_seen).
+
+        Settings that hardly move a head (e.g. a tiny SGD learning rate with large
+        batches on a small dataset) otherwise show up only as a poor accuracy matrix.
+        """
+        chance = 1.0 / max(self.n_seen, 1)
+        if math.isfinite(train_acc) and self.n_seen > 1 and train_acc < self.NEAR_CHANCE * chance:
+            log.warning(
+                "task %d: training accuracy of the last epoch is %.3f, near chance (%.3f for %d classes); the head "
+                "barely learnt this task: check lr, epochs and batch_size (%s, lr %g, %d epochs, batches of %d)",
+                t, train_acc, chance, self.n_seen, self.hp.optimizer, self.hp.lr, self.hp.epochs, self.hp.batch_size)
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -542,8 +579,10 @@ class Trainer:
                 log.warning("%s: unreadable checkpoint (%s); looking for an earlier one", path, e)
                 continue
             if state.get("config_hash") != self.config_hash:
-                log.warning("%s: belongs to a different configuration; not resuming from it", path)
-                return None
+                # left over from a run of another configuration in this directory (it is overwritten when
+                # this run reaches that task): look further back for one of this configuration
+                log.warning("%s: belongs to a different configuration; skipping it", path)
+                continue
             return state
         return None
 

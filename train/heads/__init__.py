@@ -20,6 +20,7 @@ from train.heads.base import (
 # importing the modules registers the heads
 from train.heads import audio_only, guided_attention, naive_fusion, visual_only  # noqa: E402,F401
 from train.heads import atlas, avs_static  # noqa: E402,F401  (segmentation heads)
+from train.heads import avcil, cign, film, prompted  # noqa: E402,F401
 
 __all__ = ["HEADS", "Head", "HeadError", "build_head", "head_config", "head_names", "head_origin", "register_head",
            "resolve_head"]

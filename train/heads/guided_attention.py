@@ -30,9 +30,16 @@ Da=128, Tv=8, d=256) the audio side shrinks about 16-fold. The standardisation o
 frozen audio features is done per batch: measured at about 1% of a training
 step (``benchmarks/bench_train_heads.py``), it does not pay to keep a
 standardised copy of the store's features next to the raw ones.
+
+With a single audio token (e.g. AV-CIL's AudioMAE clip vector, ``audio`` of
+shape (1, Da)) the cross-attention has one key, its softmax is identically 1
+and W_q / W_k get no gradient: the block reduces to LN(V + W_o W_v a). The head
+warns then; the ``film`` head (:mod:`train.heads.film`) uses one audio vector
+by modulating the visual tokens with it instead.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -40,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from train.heads.base import AttentionBlock, Head, HeadError, TokenProjection, register_head, standardize_tokens
+
+log = logging.getLogger("avcl.train")
 
 
 @register_head("guided")
@@ -60,6 +69,11 @@ class GuidedAttentionHead(Head):
     def __init__(self, dims, cfg: Config) -> None:
         super().__init__(dims, cfg)
         d = cfg.d_model
+        if dims["audio"][0] == 1:
+            log.warning("head 'guided': the audio stream has a single token per clip, so its cross-attention has "
+                        "one key (softmax = 1; query/key weights get no gradient). Use several audio tokens "
+                        "(e.g. --stream audio=audio_dense) or --head film, which conditions the visual tokens "
+                        "on one audio vector")
         self.audio_in = TokenProjection(dims["audio"][1], d)
         self.visual_in = TokenProjection(dims["visual"][1], d)
         self.cross = AttentionBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout)

@@ -1,4 +1,4 @@
-"""The method contract: a frozen dataclass of hyper-parameters and five trainer hooks.
+"""The method contract: a frozen dataclass of hyper-parameters and a few trainer hooks.
 
 A method is a subclass of :class:`Method` registered by name. The shared
 :class:`~train.trainer.Trainer` owns the task loop, the classifier, the exemplar
@@ -13,8 +13,8 @@ memory, optimiser, evaluation, checkpoints and logs; a method only says
 * whether it distils from the model of the previous task (:attr:`Method.uses_teacher`):
   the trainer then snapshots that model and precomputes its outputs once per task
   on every sample the task trains on (features are fixed, so these never change);
-* and the hooks ``before_task``, ``loss``, ``after_backward``, ``after_task``, ``predict``
-  (and ``rehearsal``: the exemplars a task trains with, e.g. a resampled buffer).
+* and the hooks ``before_task``, ``fit_task``, ``loss``, ``after_backward``, ``before_eval``,
+  ``after_task``, ``predict`` (and ``rehearsal``: the exemplars a task trains with, e.g. a resampled buffer).
 
 Label space: the trainer numbers classes in order of arrival, so task ``t``
 owns the contiguous output units ``[offsets[t], offsets[t+1])`` and a sample is
@@ -63,7 +63,9 @@ class Hparams:
     * ``scheduler``: ``none`` | ``cosine`` (annealed to 0 over the task's epochs) |
       ``step`` (multiply by ``gamma`` at each epoch in ``milestones``);
     * ``selection``: exemplar selection, ``random`` | ``herding``;
-    * ``grad_clip``: max gradient norm (0 = off).
+    * ``grad_clip``: max gradient norm (0 = off);
+    * ``drop_last``: skip each epoch's final partial batch of current samples (AV-CIL's
+      loaders do; ``--preset av-cil`` turns it on); a task smaller than one batch still trains.
     """
 
     epochs: int = 200
@@ -78,6 +80,7 @@ class Hparams:
     gamma: float = 0.1
     selection: str = "random"
     grad_clip: float = 0.0
+    drop_last: bool = False
 
     def check(self, what: str) -> None:
         def bad(msg: str) -> None:
@@ -117,8 +120,23 @@ class Method:
         self.trainer = trainer
 
     # -- hooks --------------------------------------------------------------------
+    def make_classifier(self, head: "torch.nn.Module", n_classes: int) -> "torch.nn.Module | None":
+        """The classifier over ``head``'s features (``n_classes``, ``grow(n_new)``, ``forward(f) -> logits``);
+        None (default): the trainer's growing linear classifier."""
+        return None
+
     def before_task(self, task: int) -> None:
         """Called after the classifier has grown for ``task`` and before its first epoch."""
+
+    def fit_task(self, task: int) -> bool:
+        """Called after ``before_task``; return True when the method has fitted ``task`` itself
+        (closed-form or prototype classifiers), so the trainer runs no SGD epoch for it."""
+        return False
+
+    def before_eval(self) -> None:
+        """Called before the trainer scores the val split for model selection (``--select val-seen``),
+        so that a method predicting from state built after the task (e.g. class means) can build it
+        from the current model."""
 
     def loss(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         """Named loss terms for one batch (their sum is minimised); for segmentation the

@@ -15,6 +15,10 @@ Prediction (``classifier``):
   current model after every task; a class without exemplars keeps the mean of
   its training samples from when it was learnt). Score_c(x) = -||phi(x) - mu_c||.
 * ``fc``: the classifier's logits.
+
+With ``--select val-seen``, ``icarl-nme`` selects the epoch whose NME prediction
+is best on the val split (class means of that epoch's model; the new classes'
+from their training samples, as they have no exemplars yet).
 """
 from __future__ import annotations
 
@@ -50,6 +54,27 @@ class ICaRLFCHparams(ICaRLHparams):
     classifier: str = "fc"
 
 
+def exemplar_class_means(tr, kept: torch.Tensor | None) -> torch.Tensor:
+    """Unit class means (n_seen, D) of L2-normalised head features with trainer ``tr``'s current model:
+    exemplars' where a class has them, else its training samples' (new classes), else the row of
+    ``kept`` (old classes without exemplars keep the mean they had)."""
+    n_seen = tr.n_seen
+    dim = tr.model.head.out_dim
+    means = torch.zeros(n_seen, dim, device=tr.device)
+    if kept is not None:
+        means[: kept.shape[0]] = kept[:n_seen]
+    memory = tr.memory.per_class()
+    for c in range(n_seen):
+        idx = memory.get(c)
+        if idx is None or idx.size == 0:
+            if c < tr.n_old:
+                continue  # keep the mean it had
+            idx = tr.train_indices_of_class(c)
+        feats = F.normalize(tr.features_of(idx), dim=1)
+        means[c] = F.normalize(feats.mean(dim=0), dim=0)
+    return means
+
+
 @register_method("icarl")
 class ICaRL(Method):
     Hparams = ICaRLHparams
@@ -68,23 +93,21 @@ class ICaRL(Method):
             terms["kd"] = self.hp.lamb * losses.sigmoid_distillation(out["logits"], old["logits"])
         return terms
 
+    def _class_means(self, kept: torch.Tensor | None) -> torch.Tensor:
+        return exemplar_class_means(self.trainer, kept)
+
+    def before_eval(self) -> None:
+        # model selection (--select val-seen) scores epochs by the NME prediction itself: the new
+        # classes have no exemplars yet, so their means come from their training samples
+        if self.hp.classifier == "nme":
+            self._kept = self._kept if getattr(self, "_task_of_kept", None) == self.trainer.task else self.means
+            self._task_of_kept = self.trainer.task
+            self.means = self._class_means(self._kept)
+
     def after_task(self, task: int) -> None:
-        tr = self.trainer
-        n_seen = tr.n_seen
-        dim = tr.model.head.out_dim
-        means = torch.zeros(n_seen, dim, device=tr.device)
-        if self.means is not None:
-            means[: self.means.shape[0]] = self.means
-        memory = tr.memory.per_class()
-        for c in range(n_seen):
-            idx = memory.get(c)
-            if idx is None or idx.size == 0:
-                if c < tr.n_old:
-                    continue  # keep the mean it had
-                idx = tr.train_indices_of_class(c)
-            feats = F.normalize(tr.features_of(idx), dim=1)
-            means[c] = F.normalize(feats.mean(dim=0), dim=0)
-        self.means = means
+        kept = getattr(self, "_kept", None) if getattr(self, "_task_of_kept", None) == task else self.means
+        self._kept = self._task_of_kept = None
+        self.means = self._class_means(kept)
 
     def predict(self, batch, out):
         n_seen = out["logits"].shape[1]

@@ -22,6 +22,13 @@ constant); ``--preset synth`` with the settings tuned for the embedded synth dat
 The paper states neither the distance of the feature distillation (mean
 squared error assumed) nor the loss weights (1 assumed) nor the temperature
 (2, as in AV-CIL's task-wise KD, assumed).
+
+Batch size: the paper does not state it; AV-CIL's 256 current samples + 128
+exemplars per step are assumed (the shared defaults). The paper's learning rate
+was set for that batch size on large datasets: with SGD at 5e-5 and batches of
+256, a small dataset gives a few steps per epoch and the head barely moves
+(the trainer warns when a task ends near chance); use ``--preset av-cil`` or
+``--preset synth`` there, or scale ``lr`` with ``batch_size``.
 """
 from __future__ import annotations
 
