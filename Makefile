@@ -21,6 +21,8 @@ test-slow: $(STAMP)
 
 DEMO ?= demo
 SEEDS ?= 0,1,2
+# epochs per task of the segmentation demo (the synth preset's 10 take about 15 minutes on 2 cores)
+SEG_EPOCHS ?= 3
 
 # The main job end to end: synthetic clips -> signal features -> 4 methods x 3 seeds -> table and plots.
 # Every step reuses what an earlier run left in $(DEMO)/ (clips, feature store, finished runs).
@@ -54,7 +56,7 @@ demo-seg: $(STAMP)
 	store=$$(ls -td $(DEMO)/cache/synth/signal-*.zarr | head -n 1); \
 	echo "== seg 2/3 train atlas and finetune on synth-seg-cil from $$store"; \
 	avcl-train --cache $$store --protocol synth-seg-cil --method atlas,finetune --seeds $(SEEDS) \
-	    --preset synth --out $(DEMO)/runs-seg; \
+	    --preset synth --epochs $(SEG_EPOCHS) --out $(DEMO)/runs-seg --jobs 2; \
 	echo "== seg 3/3 report"; \
 	avcl-report $(DEMO)/runs-seg --out $(DEMO)/report-seg; \
 	echo "segmentation demo finished in $$(( $$(date +%s) - t0 )) s; plots and tables in $(DEMO)/report-seg/"
