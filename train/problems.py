@@ -220,11 +220,19 @@ class SegmentationProblem(Problem):
             else:
                 parts = [np.sort(idx[task_of[idx] == t]) for t in range(tr.T)]
             tr.split_idx[split] = parts
+        self._set_labels(y, task_of)
+
+    def _set_labels(self, y: np.ndarray, task_of: np.ndarray) -> None:
+        """Put the clip labels and tasks on the trainer (``split_idx`` already cut), then check that
+        every task has usable train/test (and val) clips and test clips with ground truth."""
+        from train.trainer import TrainError
+
+        tr, p = self.trainer, self.trainer.protocol
         tr.y_np = y
         tr.y = torch.from_numpy(y).to(tr.device)
         tr.task_of_np = task_of
         tr.task_of = torch.from_numpy(task_of).to(tr.device)
-        stores = ", ".join(s.path for s in fs.sources)
+        stores = ", ".join(s.path for s in tr.fs.sources)
         for split in ("train", "test") + (("val",) if tr.select == "val-seen" else ()):
             empty = [t for t in range(tr.T) if tr.split_idx[split][t].size == 0]
             if empty:

@@ -249,19 +249,7 @@ class SemanticProblem(SegmentationProblem):
         for split in SPLITS:
             tr.split_idx[split] = [np.sort(fs.indices_of_rows(p.select(fs.manifest, split, t)))
                                    for t in range(tr.T)]
-        tr.y_np = first
-        tr.y = torch.from_numpy(first).to(tr.device)
-        tr.task_of_np = task_of
-        tr.task_of = torch.from_numpy(task_of).to(tr.device)
-        stores = ", ".join(s.path for s in fs.sources)
-        for split in ("train", "test") + (("val",) if tr.select == "val-seen" else ()):
-            empty = [t for t in range(tr.T) if tr.split_idx[split][t].size == 0]
-            if empty:
-                raise TrainError(f"protocol {p.name!r}: task(s) {empty} have no usable {split} samples in {stores}; "
-                                 f"check that the store was extracted from the protocol's dataset")
-        no_gt = [t for t in range(tr.T) if not self.valid_np[tr.split_idx["test"][t]].any()]
-        if no_gt:
-            raise TrainError(f"protocol {p.name!r}: the test clips of task(s) {no_gt} have no ground-truth mask")
+        self._set_labels(first, task_of)
 
     def train_indices_of_class(self, c: int) -> np.ndarray:
         """Training clips of the task that introduces channel ``c`` whose labels include ``c``
