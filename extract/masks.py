@@ -184,7 +184,7 @@ def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple
 
     Raises :class:`MaskError` naming the sample and file when a mask cannot be read.
     """
-    from extract.decode import IMAGE_FOLDER_FPS, frame_indices, sample_times
+    from extract.decode import frame_indices, sample_times
 
     if spec.format == PALETTE_FORMAT:
         return read_semantic_masks(row, root, spec, preprocess)
@@ -212,6 +212,17 @@ def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple
             masks[k] = _resize_nearest((arr[i] != 0).astype(np.uint8), S)
         valid[:] = 1
         return masks, valid
+    return _image_folder_masks(row, root, src, masks, valid, times, start, end, limit_end, _read_png)
+
+
+def _image_folder_masks(row: dict, root, src: str, masks: np.ndarray, valid: np.ndarray, times: np.ndarray,
+                        start: float, end, limit_end: float, read) -> tuple[np.ndarray, np.ndarray]:
+    """Fill ``masks``/``valid`` of an image-folder row: the frame decoded at each sampled time
+    gets the mask file with its trailing number (``read(path, sample_id)`` reads one file)."""
+    from extract.decode import IMAGE_FOLDER_FPS, frame_indices
+
+    sid = row.get("sample_id")
+    S = masks.shape[-1]
     frames = _image_folder_frames(row, root)
     if not frames:
         raise MaskError(f"sample {sid!r}: no frame images for {row.get('frames') or row.get('video')!r} under {root}")
@@ -227,7 +238,7 @@ def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple
         if number is None or number not in mask_files:
             continue
         if number not in cache:
-            cache[number] = _resize_nearest(_read_png(mask_files[number], sid), S)
+            cache[number] = _resize_nearest(read(mask_files[number], sid), S)
         masks[k] = cache[number]
         valid[k] = 1
     return masks, valid
@@ -291,9 +302,8 @@ def read_semantic_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess)
     builder's class ids), :data:`PALETTE_IGNORE` not any class
     (:func:`_read_palette_png`); resized nearest-neighbour to ``S x S``.
     """
-    from extract.decode import IMAGE_FOLDER_FPS, frame_indices, sample_times
+    from extract.decode import sample_times
 
-    sid = row.get("sample_id")
     F, S = spec.frames, spec.size
     if F != preprocess.num_frames:
         raise MaskError(f"mask spec has {F} frames but the encoder samples {preprocess.num_frames}")
@@ -307,22 +317,5 @@ def read_semantic_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess)
     limit_end = start + float(preprocess.clip_seconds)
     if end is not None:
         limit_end = min(limit_end, float(end))
-    frames = _image_folder_frames(row, root)
-    if not frames:
-        raise MaskError(f"sample {sid!r}: no frame images for {row.get('frames') or row.get('video')!r} under {root}")
-    mask_files = _numbered(sorted(glob.glob(str(_resolve(root, src)))) if any(c in src for c in "*?[")
-                           else [str(_resolve(root, src))])
-    step = (float(end) - start) / len(frames) if end is not None and float(end) > start else 1.0 / IMAGE_FOLDER_FPS
-    starts = start + np.arange(len(frames)) * step
-    idx = frame_indices(sample_times(preprocess, start), starts, min(limit_end, start + len(frames) * step))
-    cache: dict[int, np.ndarray] = {}
-    for k, i in enumerate(idx.tolist()):
-        m = _NUMBER.search(Path(frames[i]).stem)
-        number = int(m.group(1)) if m else None
-        if number is None or number not in mask_files:
-            continue
-        if number not in cache:
-            cache[number] = _resize_nearest(_read_palette_png(mask_files[number], sid), S)
-        masks[k] = cache[number]
-        valid[k] = 1
-    return masks, valid
+    return _image_folder_masks(row, root, src, masks, valid, sample_times(preprocess, start), start, end, limit_end,
+                               _read_palette_png)
