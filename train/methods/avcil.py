@@ -38,7 +38,6 @@ refuses a run whose streams would not fit, naming the memory it needs.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,18 +139,13 @@ class AVCIL(Method):
 
 # -- memory check for dense streams -------------------------------------------------------------
 def available_memory(device: str | torch.device) -> int:
-    """Bytes free for the feature set: free GPU memory on a CUDA device, else the host's MemAvailable."""
-    device = torch.device(device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    """Bytes free for the feature set on ``device`` (``"auto"``: CUDA when present), as
+    :func:`train.features.available_memory` measures them."""
+    from train.features import available_memory as free_bytes
+
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return free_bytes(device)
 
 
 def dense_stream_bytes(stores, streams: dict[str, str] | None) -> dict[str, int]:
