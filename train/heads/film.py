@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from train.heads.base import AttentionBlock, Head, HeadError, TokenProjection, register_head
+from train.heads.guided_attention import GuidedAttentionHead
 
 
 @register_head("film")
@@ -29,16 +30,11 @@ class FiLMHead(Head):
     streams = ("audio", "visual")
 
     @dataclass(frozen=True)
-    class Config:
-        d_model: int = 256
-        n_heads: int = 4
-        ffn_mult: int = 2
-        dropout: float = 0.1
+    class Config(GuidedAttentionHead.Config):
         layers: int = 1
 
         def check(self, what: str) -> None:
-            if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
-                raise HeadError(f"{what}: d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+            super().check(what)
             if self.layers < 0:
                 raise HeadError(f"{what}: layers must be >= 0, got {self.layers}")
 
