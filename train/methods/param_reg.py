@@ -73,8 +73,10 @@ def _batches(trainer, idx: np.ndarray, batch_size: int) -> Iterable[dict]:
         yield batch
 
 
-def fisher_diagonal(trainer, params: Mapping[str, nn.Parameter], idx: np.ndarray, batch_size: int) -> dict:
-    """Empirical Fisher diagonal of the problem's task loss over samples ``idx`` (model in eval mode)."""
+def _gradient_importance(trainer, params: Mapping[str, nn.Parameter], idx: np.ndarray, batch_size: int,
+                         objective, magnitude) -> dict:
+    """Batch-size-weighted mean over batches of ``magnitude(d objective(batch, outputs) / dtheta)``
+    (model in eval mode; its training mode and gradients are restored after)."""
     model = trainer.model
     was = model.training
     model.eval()
@@ -82,39 +84,32 @@ def fisher_diagonal(trainer, params: Mapping[str, nn.Parameter], idx: np.ndarray
     total = 0
     for batch in _batches(trainer, idx, batch_size):
         model.zero_grad(set_to_none=True)
-        res = model(batch["x"])
-        loss = sum(Method.loss(trainer.method, batch, res).values())
-        loss.backward()
+        objective(batch, model(batch["x"])).backward()
         b = batch["idx"].numel()
         for n, p in params.items():
             if p.grad is not None:
-                out[n] += p.grad.detach() ** 2 * b
+                out[n] += magnitude(p.grad.detach()) * b
         total += b
     model.zero_grad(set_to_none=True)
     model.train(was)
     return {n: v / max(total, 1) for n, v in out.items()}
+
+
+def fisher_diagonal(trainer, params: Mapping[str, nn.Parameter], idx: np.ndarray, batch_size: int) -> dict:
+    """Empirical Fisher diagonal of the problem's task loss over samples ``idx`` (model in eval mode)."""
+    return _gradient_importance(trainer, params, idx, batch_size,
+                                lambda batch, res: sum(Method.loss(trainer.method, batch, res).values()),
+                                lambda g: g ** 2)
 
 
 def output_sensitivity(trainer, params: Mapping[str, nn.Parameter], idx: np.ndarray, batch_size: int) -> dict:
     """MAS importance: mean over batches of ``|d mean_b ||f(x_b)||_2 / dtheta|`` (weighted by batch size)."""
-    model = trainer.model
-    was = model.training
-    model.eval()
-    out = {n: torch.zeros_like(p) for n, p in params.items()}
-    total = 0
-    for batch in _batches(trainer, idx, batch_size):
-        model.zero_grad(set_to_none=True)
-        res = model(batch["x"])
+
+    def output_norm(batch, res):
         f = res["mask_logits"] if "mask_logits" in res else res["logits"]
-        torch.linalg.vector_norm(f.flatten(1), dim=1).mean().backward()
-        b = batch["idx"].numel()
-        for n, p in params.items():
-            if p.grad is not None:
-                out[n] += p.grad.detach().abs() * b
-        total += b
-    model.zero_grad(set_to_none=True)
-    model.train(was)
-    return {n: v / max(total, 1) for n, v in out.items()}
+        return torch.linalg.vector_norm(f.flatten(1), dim=1).mean()
+
+    return _gradient_importance(trainer, params, idx, batch_size, output_norm, torch.abs)
 
 
 class PathIntegral:
