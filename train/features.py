@@ -11,7 +11,9 @@ values widen exactly, so results equal those of a float32-resident set).
 Features larger than memory: when the needed streams exceed ``memory_budget``
 bytes, nothing is loaded up front. The usable rows are cut into *blocks* of
 ``block_rows`` consecutive FeatureSet indices (the primary store's rows per
-shard), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
+inner chunk, its unit of decoding: a block is read whole, so smaller blocks
+waste less on rows an epoch does not use and let more of them stay resident
+between epochs), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
 ``budget // block bytes`` of them (least recently used out) while a background
 thread reads ahead the blocks the epoch will use next. Random batches over the
 whole set would read every block for every batch, so a streamed set shuffles
@@ -168,7 +170,9 @@ class _StreamSource:
         rows = self.store_rows[lo:hi]
         arr = self.store.group[self.name]
         r0, r1 = int(rows.min()), int(rows.max()) + 1
-        if r1 - r0 <= 2 * rows.size:  # nearly contiguous (the primary store): one span read
+        if r1 - r0 == rows.size and bool(np.all(np.diff(rows) == 1)):
+            data = arr[r0:r1]  # consecutive rows (the primary store, all usable): no gather copy
+        elif r1 - r0 <= 2 * rows.size:  # nearly contiguous: one span read
             data = arr[r0:r1][rows - r0]
         else:  # rows scattered over another store
             data = arr.get_orthogonal_selection((rows,))
@@ -244,6 +248,19 @@ class BlockStreamer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _shard_rows(store: FeatureStore) -> int:
+    """Rows per shard of ``store`` (all its rows when it does not say)."""
+    try:
+        return int(store.rows_per_shard)
+    except (KeyError, TypeError):
+        return max(1, store.n_rows)
+
+
+def _chunk_rows(store: FeatureStore) -> int:
+    """Rows per inner chunk of ``store`` (the unit of decoding; the shard when the store does not say)."""
+    return int(store.attrs.get("rows_per_chunk") or _shard_rows(store))
 
 
 def _join(path: str, name: str) -> str:
@@ -378,19 +395,14 @@ class FeatureSet:
 
     def _streamed_batch(self, idx: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         idx_np = idx.detach().cpu().numpy().astype(np.int64)
-        out = {k: torch.empty((idx_np.size, *self.stream_dims[k]), dtype=torch.float32) for k in names}
         pin = self._pin_pos[idx_np]
         pinned = pin >= 0
-        if pinned.any():
-            where = torch.from_numpy(np.flatnonzero(pinned))
-            pos = torch.from_numpy(pin[pinned])
-            for k in names:
-                out[k][where] = self._pinned[k].index_select(0, pos).float()
-        block = idx_np // self.block_rows
+        block = np.where(pinned, -1, idx_np // self.block_rows)  # -1: the pinned rows
         needed = np.unique(block[~pinned])
-        # read ahead: the next window of the epoch's plan, else the blocks after these (a sorted pass)
+        # read ahead: the window after the one holding this batch's last streamed row (the batch runs in
+        # epoch order, so that window is the current one), else the blocks after these (a sorted pass)
         if needed.size:
-            w = self._window_of_block.get(int(needed[0]))
+            w = self._window_of_block.get(int(block[~pinned][-1]))
             if w is not None:
                 ahead = self._windows[w + 1] if w + 1 < len(self._windows) else np.zeros(0, np.int64)
                 protect = self._windows[w]
@@ -398,15 +410,26 @@ class FeatureSet:
                 start = int(needed[-1]) + 1
                 ahead = np.arange(start, min(self.streamer.n_blocks, start + self.streamer.capacity // 2))
                 protect = needed
+        # gather in the resident dtype, grouped by source (one index_select per block and stream), then
+        # restore the batch order with one index_select and widen once, as a resident set's batch does
+        sources: list[tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]] = []
+        if pinned.any():
+            sel = np.flatnonzero(pinned)
+            sources.append((self._pinned, sel, pin[sel]))
         for b in needed:
-            data = self.streamer.get(int(b))
-            sel = np.flatnonzero((block == b) & ~pinned)
-            local = torch.from_numpy(idx_np[sel] - int(b) * self.block_rows)
-            where = torch.from_numpy(sel)
-            for k in names:
-                out[k][where] = data[k].index_select(0, local).float()
+            sel = np.flatnonzero(block == b)
+            sources.append((self.streamer.get(int(b)), sel, idx_np[sel] - int(b) * self.block_rows))
         if needed.size:
             self.streamer.prefetch(ahead, protect=protect)
+        if len(sources) == 1:
+            data, _, local = sources[0]
+            out = {k: data[k].index_select(0, torch.from_numpy(local)).float() for k in names}
+        else:
+            inverse = np.empty(idx_np.size, dtype=np.int64)
+            inverse[np.concatenate([sel for _, sel, _ in sources])] = np.arange(idx_np.size)
+            inverse_t = torch.from_numpy(inverse)
+            out = {k: torch.cat([data[k].index_select(0, torch.from_numpy(local)) for data, _, local in sources])
+                   .index_select(0, inverse_t).float() for k in names}
         dev = self.device
         return {k: v.to(dev, non_blocking=True) for k, v in out.items()} if dev.type != "cpu" else out
 
@@ -513,7 +536,7 @@ class FeatureSet:
         ``memory_budget`` (bytes or a size like ``'8G'``; default
         :func:`default_memory_budget` of ``device``): when the needed streams are
         larger, the set is streamed (module docstring). ``block_rows`` (default:
-        the primary store's rows per shard) and ``shuffle_blocks`` (default: None
+        the primary store's rows per inner chunk) and ``shuffle_blocks`` (default: None
         for a resident set, half the blocks that fit the budget for a streamed
         one) set the epoch order of :meth:`epoch_order`.
         """
@@ -606,7 +629,7 @@ class FeatureSet:
                  for i, st in enumerate(stores)]
         class_ids = first_labels(manifest)[keep]
         n = int(keep.size)
-        block_rows = int(block_rows or min(n, primary.rows_per_shard))
+        block_rows = int(block_rows or min(n, _chunk_rows(primary)))
         budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
         streamer = BlockStreamer(sources, n, block_rows, capacity=2)
         need = n * streamer.block_bytes() // block_rows
@@ -623,8 +646,9 @@ class FeatureSet:
         # resident: filled block by block, so loading never holds more than the set plus one block
         streamer.close()
         tensors = {k: torch.empty((n, *s.dims), dtype=s.dtype) for k, s in sources.items()}
-        for lo in range(0, n, block_rows):
-            hi = min(n, lo + block_rows)
+        step = max(block_rows, _shard_rows(primary))  # whole shards: fewer, larger reads
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
             for k, s in sources.items():
                 tensors[k][lo:hi] = s.read(lo, hi)
         tensors = {k: v.to(device) for k, v in tensors.items()}
