@@ -410,9 +410,7 @@ class FeatureSet:
                 start = int(needed[-1]) + 1
                 ahead = np.arange(start, min(self.streamer.n_blocks, start + self.streamer.capacity // 2))
                 protect = needed
-        # gather in the resident dtype, grouped by source (one index_select per block and stream), then
-        # restore the batch order with one index_select and widen once, as a resident set's batch does
-        sources: list[tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]] = []
+        sources: list[tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]] = []  # (data, batch rows, rows there)
         if pinned.any():
             sel = np.flatnonzero(pinned)
             sources.append((self._pinned, sel, pin[sel]))
@@ -421,17 +419,23 @@ class FeatureSet:
             sources.append((self.streamer.get(int(b)), sel, idx_np[sel] - int(b) * self.block_rows))
         if needed.size:
             self.streamer.prefetch(ahead, protect=protect)
+        # gather in the resident dtype into one buffer (numpy's row copies: torch's cat or index_put of many
+        # small pieces costs several times more), then widen once, as a resident set's batch does
+        dev = self.device
         if len(sources) == 1:
             data, _, local = sources[0]
-            out = {k: data[k].index_select(0, torch.from_numpy(local)).float() for k in names}
+            local_t = torch.from_numpy(local)
+            out = {k: data[k].index_select(0, local_t) for k in names}
         else:
-            inverse = np.empty(idx_np.size, dtype=np.int64)
-            inverse[np.concatenate([sel for _, sel, _ in sources])] = np.arange(idx_np.size)
-            inverse_t = torch.from_numpy(inverse)
-            out = {k: torch.cat([data[k].index_select(0, torch.from_numpy(local)) for data, _, local in sources])
-                   .index_select(0, inverse_t).float() for k in names}
-        dev = self.device
-        return {k: v.to(dev, non_blocking=True) for k, v in out.items()} if dev.type != "cpu" else out
+            out = {}
+            for k in names:
+                buf = np.empty((idx_np.size, *self.stream_dims[k]), dtype=sources[0][0][k].numpy().dtype)
+                for data, sel, local in sources:
+                    buf[sel] = data[k].numpy()[local]
+                out[k] = torch.from_numpy(buf)
+        if dev.type != "cpu":  # widen on the device: half the bytes cross the bus
+            return {k: v.to(dev, non_blocking=True).float() for k, v in out.items()}
+        return {k: v.float() for k, v in out.items()}
 
     def pin(self, idx: np.ndarray | torch.Tensor) -> None:
         """Keep rows ``idx`` resident (a streamed set's exemplar memory, drawn from every block at every
