@@ -469,21 +469,29 @@ class FeatureSet:
         n = pool.numel()
         if self.shuffle_blocks is None:
             return pool[torch.randperm(n, generator=generator).to(pool.device)]
+        if n == 0:
+            self._windows, self._window_of_block = [], {}
+            return pool
         pool_cpu = pool.detach().cpu()
         block = pool_cpu // self.block_rows
         blocks = torch.unique(block)
         blocks = blocks[torch.randperm(blocks.numel(), generator=generator)]
+        # each row's window, then the rows grouped by window in pool order (one stable sort, not one
+        # pass over the pool per window: a small budget over a large store makes many windows)
+        rank = torch.empty(int(blocks.max()) + 1, dtype=torch.long)
+        rank[blocks] = torch.arange(blocks.numel()) // self.shuffle_blocks
+        win_of = rank[block]
+        grouped = pool_cpu[torch.sort(win_of, stable=True).indices]
+        counts = torch.bincount(win_of, minlength=-(-blocks.numel() // self.shuffle_blocks)).tolist()
         parts, windows = [], []
-        for s in range(0, blocks.numel(), self.shuffle_blocks):
-            win = blocks[s: s + self.shuffle_blocks]
-            members = pool_cpu[torch.isin(block, win)]
+        for w, members in enumerate(torch.split(grouped, counts)):
             parts.append(members[torch.randperm(members.numel(), generator=generator)])
-            windows.append(win.numpy())
+            windows.append(blocks[w * self.shuffle_blocks: (w + 1) * self.shuffle_blocks].numpy())
         self._windows = windows
         self._window_of_block = {int(b): w for w, win in enumerate(windows) for b in win}
         if self.streamer is not None and windows:
             self.streamer.prefetch(windows[0])
-        return torch.cat(parts).to(pool.device) if parts else pool[:0]
+        return torch.cat(parts).to(pool.device)
 
     def to(self, device: str | torch.device) -> "FeatureSet":
         """This set with its streams moved to ``device`` (no copy when already there); a streamed set
