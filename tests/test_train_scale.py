@@ -58,6 +58,28 @@ def test_streamed_set_serves_the_same_rows_within_its_budget(sharded):
     assert fs.streamer.max_resident <= 3
 
 
+def test_streamed_blocks_are_inner_chunks_so_an_epoch_decodes_only_the_chunks_it_uses(tmp_path, monkeypatch):
+    import avcl_core.cache as C
+
+    row_bytes = (4 * 8 + 3 * 12) * 2
+    monkeypatch.setattr(C, "TARGET_CHUNK_BYTES", 4 * row_bytes)  # shards of 8 rows in chunks of 4
+    toy = make_toy(tmp_path, n_classes=4, rows_per_shard=8)
+    fs = FeatureSet.from_stores([toy.store], memory_budget=3 * 4 * row_bytes)
+    assert fs.streamed and fs.block_rows == 4 and fs.streamer.capacity == 3
+    # class 0's 12 training rows: 3 chunks of 4, where shard-sized blocks would decode 16 rows
+    fs.streamer.reads = 0
+    pool = torch.arange(12)
+    order = fs.epoch_order(pool, torch.Generator().manual_seed(1))
+    got = {k: [] for k in fs.dims}
+    for s in range(0, 12, 5):
+        for k, v in fs.batch(order[s: s + 5]).items():
+            got[k].append(v)
+    fs.streamer.close()
+    assert fs.streamer.reads * fs.block_rows == 12
+    for k, parts in got.items():
+        np.testing.assert_array_equal(torch.cat(parts).numpy(), toy.features[k][order.numpy()].astype(np.float32))
+
+
 def test_epoch_order_windows_blocks_and_matches_between_resident_and_streamed(sharded):
     a = FeatureSet.from_stores([sharded.store], shuffle_blocks=2, block_rows=8)
     b = FeatureSet.from_stores([sharded.store], memory_budget=4 * 8 * 136, block_rows=8)
