@@ -312,7 +312,7 @@ def main(argv=None) -> str:
         f"| resident (default budget) | {res['samples_per_s']:.0f} | {res['peak_rss'] * mb:.0f} MB | "
         f"{res['rss_before'] * mb:.0f} MB | {res['nbytes'] * mb:.0f} MB | - |",
         f"| streamed, `--feature-memory {args.stream_budget}` | {stm['samples_per_s']:.0f} | {stm['peak_rss'] * mb:.0f} MB | "
-        f"{stm['rss_before'] * mb:.0f} MB | {stm['nbytes'] * mb:.0f} MB | {stm['reads']} of {stm['block_rows']} rows |",
+        f"{stm['rss_before'] * mb:.0f} MB | {stm['nbytes'] * mb:.0f} MB | {stm['reads']} ({stm['block_rows']} rows each) |",
         "",
         f"Streamed / resident throughput: **{stm['samples_per_s'] / res['samples_per_s']:.2f}x** (target >= 0.8; "
         f"medians of {len(rounds)} alternated rounds, whose own ratios were {round_ratios}). "

@@ -9,12 +9,12 @@ included, as users run it), on the same store and protocol:
 
 Stores: a synth-demo-shaped one (12 classes x 20 clips, signal-encoder shapes
 audio (8, 128) + visual (8, 241), protocol 4 x 3 classes, memory 24, ``--preset
-synth``: d_model 64, no dropout, 150 epochs) and, with ``--ave``, the
+synth``: d_model 64, no dropout, 150 epochs) and (unless ``--no-ave``) the
 AVE-shaped store of ``bench_train_scale.py`` (``guided`` head, dropout 0,
 ``--ave-epochs`` epochs per task, default 2). The accuracy matrices of the
 modes must equal the sequential run's (an AssertionError otherwise).
 
-    .venv/bin/python benchmarks/bench_train_seeds.py [--method lll] [--ave] [--ave-epochs 2] [--write]
+    .venv/bin/python benchmarks/bench_train_seeds.py [--method lll] [--no-ave] [--ave-epochs 2] [--write]
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def measure(name, store, proto, method, common) -> list[str]:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="lll")
-    p.add_argument("--ave", action="store_true", help="also the AVE-shaped store (slow)")
+    p.add_argument("--ave", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the AVE-shaped store (--no-ave: the synth-shaped one only)")
     p.add_argument("--ave-epochs", type=int, default=2, help="epochs per task on the AVE-shaped store")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "avcl-bench-ave"))
     p.add_argument("--write", action="store_true", help="record the result in benchmarks/RESULTS.md")
