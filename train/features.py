@@ -13,7 +13,7 @@ bytes, nothing is loaded up front. The usable rows are cut into *blocks* of
 ``block_rows`` consecutive FeatureSet indices (the primary store's rows per
 inner chunk, its unit of decoding: a block is read whole, so smaller blocks
 waste less on rows an epoch does not use and let more of them stay resident
-between epochs), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
+between epochs; blocks align with the chunks while every row is usable), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
 ``budget // block bytes`` of them (least recently used out) while a background
 thread reads ahead the blocks the epoch will use next. Random batches over the
 whole set would read every block for every batch, so a streamed set shuffles
@@ -655,7 +655,7 @@ class FeatureSet:
                         streamer.capacity, window)
             return cls({}, *common, streamer=streamer, shuffle_blocks=window, block_rows=block_rows,
                        stream_dims=dims, stream_device=torch.device(device))
-        # resident: filled block by block, so loading never holds more than the set plus one block
+        # resident: filled shard by shard, so loading never holds more than the set plus one shard's rows
         streamer.close()
         tensors = {k: torch.empty((n, *s.dims), dtype=s.dtype) for k, s in sources.items()}
         step = max(block_rows, _shard_rows(primary))  # whole shards: fewer, larger reads
