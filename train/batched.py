@@ -133,7 +133,9 @@ def fit_batched(trainers: list[Trainer]) -> list[RunResult]:
             orders = [fs.epoch_order(pools[k], gens[k]) for k in range(S)]
             sums: list[dict] = [{} for _ in range(S)]
             counts: list[dict] = [{} for _ in range(S)]
-            for s in range(0, n, bs):
+            # drop_last as a separate run does it: skip the final partial batch unless it is the only one
+            stop = n - n % bs if hp.drop_last and n > bs else n
+            for s in range(0, stop, bs):
                 idxs = []
                 for k in range(S):
                     idx = orders[k][s: s + bs]

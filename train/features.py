@@ -11,7 +11,9 @@ values widen exactly, so results equal those of a float32-resident set).
 Features larger than memory: when the needed streams exceed ``memory_budget``
 bytes, nothing is loaded up front. The usable rows are cut into *blocks* of
 ``block_rows`` consecutive FeatureSet indices (the primary store's rows per
-shard), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
+inner chunk, its unit of decoding: a block is read whole, so smaller blocks
+waste less on rows an epoch does not use and let more of them stay resident
+between epochs; blocks align with the chunks while every row is usable), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
 ``budget // block bytes`` of them (least recently used out) while a background
 thread reads ahead the blocks the epoch will use next. Random batches over the
 whole set would read every block for every batch, so a streamed set shuffles
@@ -168,7 +170,9 @@ class _StreamSource:
         rows = self.store_rows[lo:hi]
         arr = self.store.group[self.name]
         r0, r1 = int(rows.min()), int(rows.max()) + 1
-        if r1 - r0 <= 2 * rows.size:  # nearly contiguous (the primary store): one span read
+        if r1 - r0 == rows.size and bool(np.all(np.diff(rows) == 1)):
+            data = arr[r0:r1]  # consecutive rows (the primary store, all usable): no gather copy
+        elif r1 - r0 <= 2 * rows.size:  # nearly contiguous: one span read
             data = arr[r0:r1][rows - r0]
         else:  # rows scattered over another store
             data = arr.get_orthogonal_selection((rows,))
@@ -244,6 +248,19 @@ class BlockStreamer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _shard_rows(store: FeatureStore) -> int:
+    """Rows per shard of ``store`` (all its rows when it does not say)."""
+    try:
+        return int(store.rows_per_shard)
+    except (KeyError, TypeError):
+        return max(1, store.n_rows)
+
+
+def _chunk_rows(store: FeatureStore) -> int:
+    """Rows per inner chunk of ``store`` (the unit of decoding; the shard when the store does not say)."""
+    return int(store.attrs.get("rows_per_chunk") or _shard_rows(store))
 
 
 def _join(path: str, name: str) -> str:
@@ -378,19 +395,14 @@ class FeatureSet:
 
     def _streamed_batch(self, idx: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         idx_np = idx.detach().cpu().numpy().astype(np.int64)
-        out = {k: torch.empty((idx_np.size, *self.stream_dims[k]), dtype=torch.float32) for k in names}
         pin = self._pin_pos[idx_np]
         pinned = pin >= 0
-        if pinned.any():
-            where = torch.from_numpy(np.flatnonzero(pinned))
-            pos = torch.from_numpy(pin[pinned])
-            for k in names:
-                out[k][where] = self._pinned[k].index_select(0, pos).float()
-        block = idx_np // self.block_rows
+        block = np.where(pinned, -1, idx_np // self.block_rows)  # -1: the pinned rows
         needed = np.unique(block[~pinned])
-        # read ahead: the next window of the epoch's plan, else the blocks after these (a sorted pass)
+        # read ahead: the window after the one holding this batch's last streamed row (the batch runs in
+        # epoch order, so that window is the current one), else the blocks after these (a sorted pass)
         if needed.size:
-            w = self._window_of_block.get(int(needed[0]))
+            w = self._window_of_block.get(int(block[~pinned][-1]))
             if w is not None:
                 ahead = self._windows[w + 1] if w + 1 < len(self._windows) else np.zeros(0, np.int64)
                 protect = self._windows[w]
@@ -398,17 +410,32 @@ class FeatureSet:
                 start = int(needed[-1]) + 1
                 ahead = np.arange(start, min(self.streamer.n_blocks, start + self.streamer.capacity // 2))
                 protect = needed
+        sources: list[tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]] = []  # (data, batch rows, rows there)
+        if pinned.any():
+            sel = np.flatnonzero(pinned)
+            sources.append((self._pinned, sel, pin[sel]))
         for b in needed:
-            data = self.streamer.get(int(b))
-            sel = np.flatnonzero((block == b) & ~pinned)
-            local = torch.from_numpy(idx_np[sel] - int(b) * self.block_rows)
-            where = torch.from_numpy(sel)
-            for k in names:
-                out[k][where] = data[k].index_select(0, local).float()
+            sel = np.flatnonzero(block == b)
+            sources.append((self.streamer.get(int(b)), sel, idx_np[sel] - int(b) * self.block_rows))
         if needed.size:
             self.streamer.prefetch(ahead, protect=protect)
+        # gather in the resident dtype into one buffer (numpy's row copies: torch's cat or index_put of many
+        # small pieces costs several times more), then widen once, as a resident set's batch does
         dev = self.device
-        return {k: v.to(dev, non_blocking=True) for k, v in out.items()} if dev.type != "cpu" else out
+        if len(sources) == 1:
+            data, _, local = sources[0]
+            local_t = torch.from_numpy(local)
+            out = {k: data[k].index_select(0, local_t) for k in names}
+        else:
+            out = {}
+            for k in names:
+                buf = np.empty((idx_np.size, *self.stream_dims[k]), dtype=sources[0][0][k].numpy().dtype)
+                for data, sel, local in sources:
+                    buf[sel] = data[k].numpy()[local]
+                out[k] = torch.from_numpy(buf)
+        if dev.type != "cpu":  # widen on the device: half the bytes cross the bus
+            return {k: v.to(dev, non_blocking=True).float() for k, v in out.items()}
+        return {k: v.float() for k, v in out.items()}
 
     def pin(self, idx: np.ndarray | torch.Tensor) -> None:
         """Keep rows ``idx`` resident (a streamed set's exemplar memory, drawn from every block at every
@@ -442,21 +469,29 @@ class FeatureSet:
         n = pool.numel()
         if self.shuffle_blocks is None:
             return pool[torch.randperm(n, generator=generator).to(pool.device)]
+        if n == 0:
+            self._windows, self._window_of_block = [], {}
+            return pool
         pool_cpu = pool.detach().cpu()
         block = pool_cpu // self.block_rows
         blocks = torch.unique(block)
         blocks = blocks[torch.randperm(blocks.numel(), generator=generator)]
+        # each row's window, then the rows grouped by window in pool order (one stable sort, not one
+        # pass over the pool per window: a small budget over a large store makes many windows)
+        rank = torch.empty(int(blocks.max()) + 1, dtype=torch.long)
+        rank[blocks] = torch.arange(blocks.numel()) // self.shuffle_blocks
+        win_of = rank[block]
+        grouped = pool_cpu[torch.sort(win_of, stable=True).indices]
+        counts = torch.bincount(win_of, minlength=-(-blocks.numel() // self.shuffle_blocks)).tolist()
         parts, windows = [], []
-        for s in range(0, blocks.numel(), self.shuffle_blocks):
-            win = blocks[s: s + self.shuffle_blocks]
-            members = pool_cpu[torch.isin(block, win)]
+        for w, members in enumerate(torch.split(grouped, counts)):
             parts.append(members[torch.randperm(members.numel(), generator=generator)])
-            windows.append(win.numpy())
+            windows.append(blocks[w * self.shuffle_blocks: (w + 1) * self.shuffle_blocks].numpy())
         self._windows = windows
         self._window_of_block = {int(b): w for w, win in enumerate(windows) for b in win}
         if self.streamer is not None and windows:
             self.streamer.prefetch(windows[0])
-        return torch.cat(parts).to(pool.device) if parts else pool[:0]
+        return torch.cat(parts).to(pool.device)
 
     def to(self, device: str | torch.device) -> "FeatureSet":
         """This set with its streams moved to ``device`` (no copy when already there); a streamed set
@@ -513,7 +548,7 @@ class FeatureSet:
         ``memory_budget`` (bytes or a size like ``'8G'``; default
         :func:`default_memory_budget` of ``device``): when the needed streams are
         larger, the set is streamed (module docstring). ``block_rows`` (default:
-        the primary store's rows per shard) and ``shuffle_blocks`` (default: None
+        the primary store's rows per inner chunk) and ``shuffle_blocks`` (default: None
         for a resident set, half the blocks that fit the budget for a streamed
         one) set the epoch order of :meth:`epoch_order`.
         """
@@ -606,7 +641,7 @@ class FeatureSet:
                  for i, st in enumerate(stores)]
         class_ids = first_labels(manifest)[keep]
         n = int(keep.size)
-        block_rows = int(block_rows or min(n, primary.rows_per_shard))
+        block_rows = int(block_rows or min(n, _chunk_rows(primary)))
         budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
         streamer = BlockStreamer(sources, n, block_rows, capacity=2)
         need = n * streamer.block_bytes() // block_rows
@@ -620,11 +655,12 @@ class FeatureSet:
                         streamer.capacity, window)
             return cls({}, *common, streamer=streamer, shuffle_blocks=window, block_rows=block_rows,
                        stream_dims=dims, stream_device=torch.device(device))
-        # resident: filled block by block, so loading never holds more than the set plus one block
+        # resident: filled shard by shard, so loading never holds more than the set plus one shard's rows
         streamer.close()
         tensors = {k: torch.empty((n, *s.dims), dtype=s.dtype) for k, s in sources.items()}
-        for lo in range(0, n, block_rows):
-            hi = min(n, lo + block_rows)
+        step = max(block_rows, _shard_rows(primary))  # whole shards: fewer, larger reads
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
             for k, s in sources.items():
                 tensors[k][lo:hi] = s.read(lo, hi)
         tensors = {k: v.to(device) for k, v in tensors.items()}
