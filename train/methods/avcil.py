@@ -67,11 +67,10 @@ class AVCILHparams(Hparams):
     instance: bool = True
     class_aware: bool = True
     vad: bool = True
+    choices = {"class_norm": ("all", "positives")}
 
     def check(self, what: str) -> None:
         super().check(what)
-        if self.class_norm not in ("all", "positives"):
-            raise OptionError(f"{what}: class_norm must be 'all' or 'positives', got {self.class_norm!r}")
         if not 0 <= self.lam <= 1 or self.tau_I <= 0 or self.tau_C <= 0:
             raise OptionError(f"{what}: need 0 <= lam <= 1 and tau_I, tau_C > 0")
 

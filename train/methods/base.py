@@ -81,6 +81,8 @@ class Hparams:
     selection: str = "random"
     grad_clip: float = 0.0
     drop_last: bool = False
+    #: text options of a subclass and the values each may take, checked by :meth:`check`
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def check(self, what: str) -> None:
         def bad(msg: str) -> None:
@@ -98,6 +100,9 @@ class Hparams:
             bad(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
         if self.lr <= 0 or self.weight_decay < 0:
             bad("lr must be > 0 and weight_decay >= 0")
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                bad(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
 
 
 class Method:
