@@ -11,6 +11,7 @@ import torch
 from avcl_core import metrics as M
 from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
 from train_fixtures import Interrupted, interrupt_before_task, make_toy, write_protocol
 from train.features import FeatureSet
 from train.heads import HEADS, HeadError, build_head
@@ -23,15 +24,8 @@ TINY = {"epochs": 3, "batch_size": 16, "exemplar_batch_size": 8, "lr": 3e-3}
 HEAD = {"d_model": 16, "n_heads": 2}
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    t = make_toy(root, n_classes=6, classes_per_task=2, memory=12)
-    return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol), root
-
-
 def trainer(toy, method="finetune", run_dir=None, seed=0, **kw):
-    _, fs, proto, _ = toy
+    _, fs, proto = toy
     opts = {**TINY, **kw.pop("opts", {})}
     m = method if isinstance(method, Method) else build_method(method, opts)
     return Trainer(fs, proto, m, head_config=HEAD, seed=seed, run_dir=run_dir, **kw)
@@ -88,7 +82,8 @@ def test_accuracy_matrix_and_step_accuracy_hand_computed(toy):
 
 
 def test_task_incremental_protocol_predicts_within_the_task(toy):
-    _, fs, _, root = toy
+    t, fs, _ = toy
+    root = t.root
     proto = load_protocol(write_protocol(root, "toy-til", 6, 2, memory=0, setting="TIL"))
     hp = build_method("finetune", {**TINY, "epochs": 1}).hp
     res = Trainer(fs, proto, ConstantPredictor(hp, 0), head_config=HEAD).fit()
