@@ -14,7 +14,7 @@ from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
 from train_fixtures import Interrupted, interrupt_before_task, make_toy, write_protocol
 from train.features import FeatureSet
-from train.heads import HEADS, HeadError, build_head
+from train.heads import HEADS, HeadError, build_head, head_config
 from train.heads.base import MultiHeadAttention
 from train.methods import build_method
 from train.methods.base import Method
@@ -240,3 +240,10 @@ def test_multi_head_attention_matches_torch_reference():
         ref.out_proj.bias.copy_(mine.out.bias)
     q, kv = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
     torch.testing.assert_close(mine(q, kv), ref(q, kv, kv, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("head", ["guided", "film", "cign", "l2p", "dualprompt", "audio", "visual", "atlas"])
+def test_attention_heads_refuse_a_width_their_heads_cannot_split(head):
+    with pytest.raises(HeadError, match=rf"head '{head}': d_model \(10\) must be a positive multiple of n_heads \(3\)"):
+        build_head(head, {"audio": (1, 4), "visual": (2, 4)}, {"d_model": 10, "n_heads": 3})
+    assert head_config(head, {"d_model": 12, "n_heads": 3}).d_model == 12

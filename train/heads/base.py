@@ -26,6 +26,13 @@ class OptionError(ValueError):
     """An unknown option name or a value of the wrong type; the message lists the valid names."""
 
 
+def check_attention_width(what: str, d_model: int, n_heads: int) -> None:
+    """:class:`HeadError` unless ``d_model`` is a positive multiple of ``n_heads`` (multi-head
+    attention splits ``d_model`` into ``n_heads`` equal parts)."""
+    if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+        raise HeadError(f"{what}: d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+
+
 # -- typed options -------------------------------------------------------------------
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -136,7 +143,8 @@ head_names = REGISTRY.names
 #: ``resolve_head(name)``: the registered name of a head given by name, entry-point name or
 #: ``file.py:Class`` / ``module:Class`` reference (loaded and registered now); HeadError when unusable
 resolve_head = REGISTRY.resolve
-#: ``head_origin(name)``: ``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or ``module <name>``
+#: ``head_origin(name)``: ``built-in``, ``plugin <distribution> <version> (<module:attr>)``,
+#: ``file <path>`` or ``module <name>``
 head_origin = REGISTRY.origin
 #: ``head_class(name)``: the class of head ``name`` (anything :func:`resolve_head` accepts)
 head_class = REGISTRY.get

@@ -208,7 +208,8 @@ method_names = REGISTRY.names
 #: ``resolve_method(name)``: the registered name of a method given by name, entry-point name or
 #: ``file.py:Class`` / ``module:Class`` reference (loaded and registered now); MethodError when unusable
 resolve_method = REGISTRY.resolve
-#: ``method_origin(name)``: ``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or ``module <name>``
+#: ``method_origin(name)``: ``built-in``, ``plugin <distribution> <version> (<module:attr>)``,
+#: ``file <path>`` or ``module <name>``
 method_origin = REGISTRY.origin
 #: ``method_class(name)``: the class of method ``name`` (anything :func:`resolve_method` accepts)
 method_class = REGISTRY.get
