@@ -34,8 +34,9 @@ plain CE (a special case of its script); here every step from 1 on uses CE_sep.
 Memory: dense VideoMAE tokens are large (8 x 196 x 768 per clip: 2.4 MB as the
 float16 the feature set holds; AVE 9 GiB, K-S 52 GiB, VGGSound-100 137 GiB).
 Streams larger than ``--feature-memory`` are streamed from the store's shards
-(:mod:`train.features`) and AV-CIL trains from them unchanged: nothing here
-needs every sample resident (see :func:`check_dense_memory`, called by
+(:mod:`train.features`; epochs then shuffle within windows of blocks, as for
+every method) and AV-CIL trains from them: nothing here needs every sample
+resident (see :func:`check_dense_memory`, called by
 ``avcl-train``, which refuses only a run whose resident part would not fit).
 """
 from __future__ import annotations
