@@ -225,7 +225,9 @@ def info_cmd(store: str, as_json: bool, failures: bool, storage_options: str | N
         click.echo(f"  {name:<13} {str(tuple(a['shape'])):<22} {a['dtype']:<14} chunks {tuple(a['chunks'])}{shards}")
 
 
-def _shard_list(text: str | None) -> list[int] | None:
+def parse_shards(text: str | None) -> list[int] | None:
+    """Shard numbers of a ``--shards`` value such as ``3,7`` or ``2-5`` (None when empty);
+    :class:`click.BadParameter` naming the value otherwise."""
     if not text:
         return None
     out: list[int] = []
@@ -263,7 +265,7 @@ def unclaim_cmd(store: str, shards: str | None) -> None:
 
     st = _open(store, None, allow_incomplete=True)
     st = FeatureStore(st.path, zarr.open_group(st.path, mode="r+"), writable=True)
-    removed = st.unclaim(_shard_list(shards))
+    removed = st.unclaim(parse_shards(shards))
     if not removed:
         click.echo(f"{st.path}: no claim" + (f" on shards {shards}" if shards else "") + " to remove")
         return

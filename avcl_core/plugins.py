@@ -244,18 +244,34 @@ class Registry:
     """Named subclasses of ``base``: the package's own, entry-point plugins and one-off references.
 
     ``items`` is the registry's dict (``{name: class}``, kept as the public table, e.g.
-    ``METHODS``); ``register(name, cls)`` is the registry's own decorator step (its checks,
-    ``cls.name = name``, then :meth:`add`). ``error`` is the exception raised for an unknown
-    or unusable name.
+    ``METHODS``); ``check(name, cls)`` (optional) raises for a class that cannot be
+    registered, before :meth:`register` records it. ``error`` is the exception raised for
+    an unknown or unusable name.
     """
 
     def __init__(self, kind: str, base: type, error: type[Exception], items: dict[str, type],
-                 register: Callable[[str, type], Any]) -> None:
+                 check: Callable[[str, type], Any] | None = None) -> None:
         self.kind, self.base, self.error, self.items = kind, base, error, items
-        self._register = register
+        self._check = check
         self.origins: dict[str, str] = {}
         self.plugins = EntryPoints(kind, self._adopt, items.__contains__)
         self._refs: dict[str, str] = {}  # absolute reference -> registered name
+
+    def register(self, name: str) -> Callable[[type], type]:
+        """Class decorator: register a subclass of ``base`` under ``name`` (sets ``cls.name``).
+
+        Where it came from (built-in, a plugin, a file) is recorded for ``avcl-train --list``.
+        """
+        def deco(cls: type) -> type:
+            if name in self.items:
+                raise self.error(f"{self.kind} {name!r} registered twice")
+            if self._check is not None:
+                self._check(name, cls)
+            cls.name = name
+            self.add(name, cls)
+            return cls
+
+        return deco
 
     def add(self, name: str, cls: type) -> None:
         """Record ``cls`` under ``name`` with where it came from (:func:`origin_of`)."""
@@ -263,6 +279,9 @@ class Registry:
         self.origins[name] = origin_of(cls)
 
     def origin(self, name: str) -> str:
+        """``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or
+        ``module <name>``, for anything :meth:`resolve` accepts."""
+        name = self.resolve(name)
         return self.origins.get(name, origin_of(self.items[name]))
 
     def _adopt(self, name: str, obj: Any, origin: str) -> None:
@@ -274,7 +293,7 @@ class Registry:
             taken = [n for n, c in self.items.items() if c is obj]
             if taken:
                 raise PluginError(f"{obj.__qualname__} is registered as {taken[0]!r}, not {name!r}")
-            self._register(name, obj)
+            self.register(name)(obj)
         elif isinstance(obj, types.ModuleType):
             if name not in self.items:
                 raise PluginError(f"module {obj.__name__} registers no {self.kind} named {name!r}")
@@ -309,6 +328,7 @@ class Registry:
         raise self.error(f"unknown {self.kind} {name!r}; {self._available()}")
 
     def get(self, name: str) -> type:
+        """The class of anything :meth:`resolve` accepts."""
         return self.items[self.resolve(name)]
 
     def reference_name(self, ref: str) -> str:
@@ -336,6 +356,6 @@ class Registry:
                 raise self.error(f"{self.kind} {ref!r}: the name {name!r} is taken by "
                                  f"{self.origin(name)} {self.kind} {name!r}; set name = '...' in the class body")
             with loading(origin):
-                self._register(name, obj)
+                self.register(name)(obj)
         self._refs[key] = name
         return name

@@ -34,7 +34,7 @@ from avcl_core.manifest import Manifest  # noqa: E402
 from extract.encoders import build_encoder  # noqa: E402
 from extract.runner import extract  # noqa: E402
 from train.features import FeatureSet  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 
 SECTION = "## feature cache (CPU)"
 
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
         f"- whole-array (shard-sized) reads vs per-row reads: **{t_rows / t_whole:.0f}×**.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.record:
-        record_section(text)
+    publish(lines, args.record)
     return 0
 
 

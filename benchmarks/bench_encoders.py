@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract.encoders import build_encoder  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 
 
 
@@ -101,10 +101,7 @@ def main(argv=None) -> list[str]:
     header = (f"{args.clips} clips × {args.seconds:g} s, 8 frames, random-init weights, float32; "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    print(header)
-    print("\n".join(lines))
-    if args.record:
-        record_section(f"## encoders (CPU)\n\n{header}\n\n" + "\n".join(lines))
+    publish(["## encoders (CPU)", "", header, "", *lines], args.record)
     return lines
 
 

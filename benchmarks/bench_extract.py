@@ -48,7 +48,7 @@ from avcl_core.manifest import Manifest
 from avcl_core.synth import render
 from extract.encoders import build_encoder
 from extract.runner import extract
-from results import record_section
+from results import publish
 
 
 #: name -> (label, build options); clip_seconds is set from the rendered clips.
@@ -246,10 +246,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         streams = ", ".join(f"{k} {tuple(v)}" for k, v in r["streams"].items())
         table.append(f"| {r['encoder']} | {streams} | {r[0]:.2f} | {r[args.workers]:.2f} | x{r['gain']:.2f} |")
-    text = "\n".join(table) + "\n"
-    print("\n" + text)
-    if args.record:
-        record_section(f"{SECTION}\n\n{SECTION_INTRO}\n{text}")
+    publish([SECTION, "", SECTION_INTRO, *table, ""], args.record)
     return rows
 
 
@@ -266,10 +263,7 @@ def _special(args, names, manifest, root, tmp) -> list[dict]:
                  "| ÷ serial bound |", "|---|---:|---:|---:|---:|---:|"]
         table += [f"| {r['encoder']} | {r['decode']:.2f} | {r['encode']:.2f} | {r['e2e']:.2f} | x{r['vs_min']:.2f} "
                   f"| x{r['vs_serial']:.2f} |" for r in rows]
-        text = "\n".join(table) + "\n"
-        print("\n" + text)
-        if args.record:
-            record_section(f"{PIPELINE_SECTION}\n\n{text}\n{PIPELINE_NOTE}")
+        publish([PIPELINE_SECTION, "", *table, "", PIPELINE_NOTE], args.record)
     if args.memory:
         rows = memory_rows(names, manifest, root, tmp, args)
         out += rows
@@ -280,10 +274,7 @@ def _special(args, names, manifest, root, tmp) -> list[dict]:
             for mult in (1, 4):
                 table.append(f"| {r['encoder']} | {r[f'n{mult}']} | {r[mult]['main']:.1f} | {r[mult]['worker']:.1f} |")
             table.append(f"| {r['encoder']} | 4N ÷ N | x{r['main_ratio']:.3f} | x{r['worker_ratio']:.3f} |")
-        text = "\n".join(table) + "\n"
-        print("\n" + text)
-        if args.record:
-            record_section(f"{MEMORY_SECTION}\n\n{text}")
+        publish([MEMORY_SECTION, "", *table, ""], args.record)
     return out
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from avcl_core import cache as C  # noqa: E402
 from avcl_core.manifest import Manifest  # noqa: E402
 from avcl_core.protocols import load_protocol  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 from train.features import FeatureSet  # noqa: E402
 from train.methods import build_method  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
@@ -128,10 +128,7 @@ def main(argv=None) -> None:
                   f"measured on {quarter['train_clips']} clips and scaled per clip.",
               f"- the quarter-resolution decoder vs convolutions up to 224²: **{ratio:.1f}x** less CPU time per epoch.",
               f"- raw: {json.dumps({'quarter': quarter, 'full': full})}"]
-    text = "\n".join(lines)
-    print(text)
-    if a.write:
-        record_section(text)
+    publish(lines, a.write)
 
 
 if __name__ == "__main__":

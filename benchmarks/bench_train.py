@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from train.features import FeatureSet  # noqa: E402
 from train.heads import build_head  # noqa: E402
 from train.trainer import CILModel  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 from train_fixtures import gaussian_features, toy_manifest, write_store  # noqa: E402
 
 SECTION = "## training (CPU)"
@@ -183,11 +183,7 @@ def main(argv=None) -> str:
     ]
     if args.synth_store:
         lines += demo_sweep(args.synth_store, args.synth_protocol)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        record_section(text)
-    return text
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":

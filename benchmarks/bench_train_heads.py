@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train.heads import build_head  # noqa: E402
 from train.trainer import CILModel  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 
 SECTION = "## guided head training step (CPU)"
 
@@ -135,11 +135,7 @@ def main(argv=None) -> str:
         f"{', '.join(f'{r:,.0f}' for r in rates[True])}; composed {', '.join(f'{r:,.0f}' for r in rates[False])}.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        record_section(text)
-    return text
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from avcl_core.protocols import load_protocol  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 from train.features import FeatureSet  # noqa: E402
 from train.heads import build_head  # noqa: E402
 from train.methods import build_method  # noqa: E402
@@ -330,11 +330,7 @@ def main(argv=None) -> str:
             "about 80 min before).",
             "",
         ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        record_section(text)
-    return text
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":

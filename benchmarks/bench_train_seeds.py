@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 from train_fixtures import gaussian_features, toy_manifest, write_protocol, write_store  # noqa: E402
 
 SECTION = "## batched seeds (CPU)"
@@ -138,11 +138,7 @@ def main(argv=None) -> str:
         "|---|---|---:|---:|---|",
         *rows, "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        record_section(text)
-    return text
+    return publish(lines, args.write)
 
 
 if __name__ == "__main__":

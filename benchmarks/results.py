@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Sequence
 
 RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
 
@@ -20,3 +21,13 @@ def record_section(text: str, path: Path = RESULTS) -> Path:
     path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
     print(f"recorded in {path}")
     return path
+
+
+def publish(lines: Sequence[str], record: bool, path: Path = RESULTS) -> str:
+    """A benchmark's section: ``lines`` (its ``## `` heading first) joined by newlines,
+    printed, and put in ``path`` by :func:`record_section` when ``record``; returns the text."""
+    text = "\n".join(lines)
+    print(text)
+    if record:
+        record_section(text, path)
+    return text

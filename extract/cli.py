@@ -41,23 +41,6 @@ def _parse_options(items: tuple[str, ...]) -> dict:
     return out
 
 
-def _parse_shards(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise click.BadParameter(f"{text!r}: write shard numbers like 3,7 or 2-5", param_hint="--shards") from None
-    return out
-
-
 def load_manifest(dataset: str | None, root: str, manifest_path: str | None) -> tuple[Manifest, str, str | None]:
     """``(manifest, dataset name, manifest file or None)`` from ``--manifest`` or ``--dataset``.
 
@@ -204,6 +187,7 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
     store and are listed in the summary; the run goes on.
     """
     from avcl_core.cache import StoreError
+    from avcl_core.cli_cache import parse_shards
     from extract.encoders import CheckpointError, build_encoder, encoder_module
     from extract.runner import extract, repair
 
@@ -213,7 +197,7 @@ def cli(dataset, root, manifest_path, encoder, variant, checkpoint, random_init,
             if encoder or dataset or manifest_path:
                 raise click.UsageError("--repair takes the store's own settings; drop --dataset/--manifest/--encoder")
             # without --device the recorded device is used: it is part of the key (compute precision)
-            summary = repair(repair_store, _parse_shards(shards), root=root, device=device, batch_size=batch_size,
+            summary = repair(repair_store, parse_shards(shards), root=root, device=device, batch_size=batch_size,
                              workers=workers, scheduler=scheduler, progress=progress, threads=threads)
         else:
             if shards:

@@ -359,3 +359,13 @@ def test_console_script_runs():
         pytest.skip("avcl-cache is not installed in this environment")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     assert "verify" in out.stdout and "import-avcil" in out.stdout
+
+
+def test_shards_option_reads_lists_and_ranges_and_names_a_bad_value():
+    import click
+
+    from avcl_core.cli_cache import parse_shards
+
+    assert parse_shards("3, 7,2-4") == [3, 7, 2, 3, 4] and parse_shards("") is None and parse_shards(None) is None
+    with pytest.raises(click.BadParameter, match="'2-x': write shard numbers like 3,7 or 2-5"):
+        parse_shards("2-x")

@@ -409,46 +409,28 @@ def test_cli_errors_name_the_problem(avcl_synth_root, tmp_path):
     assert C.find_stores(tmp_path) == []
 
 
+@pytest.mark.parametrize("variant", ["tiny", pytest.param("base", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("encoder, options", [
     ("vit-b16", {"frames_per_clip": 2, "clip_seconds": 1.0}),
     ("pann-cnn14", {"clip_seconds": 1.0}),
     ("sam-audio", {"frames_per_clip": 2, "clip_seconds": 1.0}),
 ])
-def test_cli_tiny_pretrained_encoders(avcl_synth_root, tmp_path, encoder, options):
+def test_cli_pretrained_encoders_with_random_weights(avcl_synth_root, tmp_path, encoder, options, variant):
     opts = [x for k, v in options.items() for x in ("-o", f"{k}={v}")]
+    size = ["--variant", "tiny"] if variant == "tiny" else []  # base is the default
     res = CliRunner().invoke(cli, ["--dataset", "synth", "--root", str(avcl_synth_root), "--encoder", encoder,
-                                   "--variant", "tiny", "--random-init", *opts, "--limit", "2", "--cache-dir",
-                                   str(tmp_path), "--workers", "1", "--batch-size", "2", "--no-progress",
-                                   "--device", "cpu"])
+                                   *size, "--random-init", *opts, "--limit", "2", "--cache-dir", str(tmp_path),
+                                   "--workers", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     st = C.open_store(_only_store(tmp_path))
-    enc = build_encoder(encoder, variant="tiny", random_init_seed=0, device="cpu", **options)
+    enc = build_encoder(encoder, variant=variant, random_init_seed=0, device="cpu", **options)
     assert st.streams == enc.streams() and st.key_material["weights"] == "random-init:0"
+    assert st.key_material["variant"] == variant
     for name, shape in enc.streams().items():
         a = st.read(name).astype(np.float32)
         assert a.shape == (2, *shape) and np.isfinite(a).all()
         assert np.abs(a[0] - a[1]).max() > 0  # different clips, different features
     assert st.row_status().tolist() == [1, 1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("encoder, options", [
-    ("vit-b16", {"frames_per_clip": 2, "clip_seconds": 1.0}),
-    ("pann-cnn14", {"clip_seconds": 1.0}),
-    ("sam-audio", {"frames_per_clip": 2, "clip_seconds": 1.0}),
-])
-def test_cli_base_size_encoders(avcl_synth_root, tmp_path, encoder, options):
-    opts = [x for k, v in options.items() for x in ("-o", f"{k}={v}")]
-    res = CliRunner().invoke(cli, ["--dataset", "synth", "--root", str(avcl_synth_root), "--encoder", encoder,
-                                   "--random-init", *opts, "--limit", "2", "--cache-dir", str(tmp_path),
-                                   "--workers", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"])
-    assert res.exit_code == 0, res.output
-    st = C.open_store(_only_store(tmp_path))
-    enc = build_encoder(encoder, random_init_seed=0, device="cpu", **options)
-    assert st.key_material["variant"] == "base" and st.streams == enc.streams()
-    for name, shape in enc.streams().items():
-        a = st.read(name).astype(np.float32)
-        assert a.shape == (2, *shape) and np.isfinite(a).all() and np.abs(a[0] - a[1]).max() > 0
 
 
 # -- resuming, concurrency, dask --------------------------------------------------

@@ -9,10 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from train_fixtures import make_toy
-from train.features import FeatureSet
+from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
 from train.heads.base import OptionError
 from train.methods import METHODS, build_method, method_hparams
 from train.methods import losses
@@ -130,12 +128,6 @@ def test_shipped_presets():
 
 
 # -- behaviour of each method ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    t = make_toy(tmp_path_factory.mktemp("toy"), n_classes=6, classes_per_task=2, memory=12)
-    return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol)
-
-
 # per-method options that keep a run tiny on the toy data (RanPAC's paper width M=10000 is not)
 TINY_EXTRA = {"ranpac": {"M": 64}}
 

@@ -101,8 +101,43 @@ def test_imported_avcil_dense_features_train_avcil_end_to_end(tmp_path):
     assert np.array(res[0]["acc_matrix"]).shape == (2, 2)
     log = [json.loads(x) for x in (tmp_path / "runs" / "tiny-2x2" / "avcil" / "seed0" / "log.jsonl").read_text().splitlines()]
     assert {"inst", "vad_s"} <= set(log[-1])
-    # the same run refuses, naming the memory, when the streams would not fit
-    need = check_dense_memory([out["audio"].path, out["visual"].path], {"visual": "visual_dense"}, available=1 << 40)
-    assert need == 20 * (768 + 1568 * 768) * 4
-    with pytest.raises(DenseMemoryError, match=r"need 0\.1 GiB in memory.*visual=visual_dense.*only 0\.0 GiB is free"):
-        check_dense_memory([out["audio"].path, out["visual"].path], {"visual": "visual_dense"}, available=1 << 20)
+    # sized as the FeatureSet holds them (float16): resident with room, streamed under a small budget
+    stores = [out["audio"].path, out["visual"].path]
+    plan = check_dense_memory(stores, {"visual": "visual_dense"}, available=1 << 40)
+    assert plan.total == 20 * (768 + 1568 * 768) * 2 and not plan.streamed
+    fs = FeatureSet.from_stores(stores, {"visual": "visual_dense"})
+    assert sum(v.element_size() * v.nelement() for v in fs.streams.values()) == plan.total
+    assert check_dense_memory(stores, {"visual": "visual_dense"}, available=1 << 40, feature_memory="1M").streamed
+    # refused only when what the set holds cannot fit: all of it (a budget above the free memory) ...
+    with pytest.raises(DenseMemoryError, match=r"need 0\.0 GiB in memory.*visual=visual_dense.*--feature-memory 1G "
+                                               r"holds them all.*only 0\.0 GiB is free.*set --feature-memory below"):
+        check_dense_memory(stores, {"visual": "visual_dense"}, available=1 << 20, feature_memory="1G")
+    # ... or, streamed, the two blocks it keeps at least
+    with pytest.raises(DenseMemoryError, match=r"streamed.*visual=visual_dense.*at least two.*lower --feature-memory"):
+        check_dense_memory(stores, {"visual": "visual_dense"}, available=1 << 20)
+
+
+def test_avcil_trains_from_a_streamed_feature_set_as_from_a_resident_one(tmp_path):
+    """Dense streams over ``--feature-memory``: the same accuracy matrix as resident features in the same order."""
+    t = make_toy(tmp_path, n_classes=6, classes_per_task=2, memory=12, visual=(6, 12), rows_per_shard=8)
+    hp = {"epochs": 2, "batch_size": 16, "exemplar_batch_size": 8, "lr": 3e-3}
+    resident = FeatureSet.from_stores([t.store], shuffle_blocks=1, block_rows=8)
+    row = (4 * 8 + 6 * 12) * 2  # float16 audio (4, 8) + visual (6, 12)
+    plan = check_dense_memory([t.store], None, available=1 << 30, feature_memory=2 * 8 * row)
+    assert plan.streamed and plan.total == len(resident) * row and plan.block_rows == 8
+    streamed = FeatureSet.from_stores([t.store], memory_budget=2 * 8 * row, block_rows=8)
+    assert streamed.streamed and streamed.shuffle_blocks == 1
+    res = []
+    for fs in (resident, streamed):
+        m = build_method("avcil", hp)
+        res.append(Trainer(fs, load_protocol(t.protocol), m, head_config={"d_model": 16, "frames": 2}, seed=0).fit())
+    streamed.streamer.close()
+    np.testing.assert_array_equal(res[0].acc_matrix, res[1].acc_matrix)
+    assert res[0].acc_matrix.shape == (3, 3) and res[0].acc_matrix[0, 0] > 0.5
+    # avcl-train streams them instead of refusing (a budget of two blocks)
+    out = main(["--cache", str(t.store), "--protocol", str(t.protocol), "--method", "avcil", "--epochs", "1",
+                "--set", "head.d_model=16", "--set", "head.frames=2", "--feature-memory", str(2 * 8 * row),
+                "--out", str(tmp_path / "runs"), "-q"])
+    assert out[0]["status"] == "ok", out[0].get("traceback")
+    cfg = json.loads((tmp_path / "runs" / t.protocol_name / "avcil" / "seed0" / "config.json").read_text())
+    assert cfg["features"]["streamed"] is True

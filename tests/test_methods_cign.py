@@ -8,10 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from train_fixtures import make_toy
-from train.features import FeatureSet
+from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
 from train.heads import build_head
 from train.heads.cign import CIGNGrouping
 from train.methods import build_method
@@ -20,12 +18,6 @@ from train.trainer import Trainer
 
 TINY = {"epochs": 4, "batch_size": 16, "lr": 3e-3}
 HEAD = {"d_model": 16, "n_heads": 2, "depth": 1, "dropout": 0.0}
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    t = make_toy(tmp_path_factory.mktemp("toy"), n_classes=6, classes_per_task=2, memory=12)
-    return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol)
 
 
 def test_grouping_predicts_the_product_of_audio_and_visual_probabilities():

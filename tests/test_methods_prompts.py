@@ -8,10 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from train_fixtures import make_toy
-from train.features import FeatureSet
+from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
 from train.heads import build_head
 from train.methods import build_method
 from train.trainer import Trainer
@@ -19,12 +17,6 @@ from train.trainer import Trainer
 TINY = {"epochs": 3, "batch_size": 16, "lr": 3e-3}
 HEAD = {"d_model": 16, "n_heads": 2, "depth": 3, "pool_size": 4, "top_k": 2, "prompt_length": 2,
         "g_length": 2, "e_length": 2, "g_layers": "0", "e_layers": "1,2"}
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    t = make_toy(tmp_path_factory.mktemp("toy"), n_classes=6, classes_per_task=2, memory=12)
-    return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol)
 
 
 def test_l2p_prepends_the_prompts_whose_keys_are_closest_to_the_query():

@@ -14,41 +14,20 @@ Run with ``pytest -m slow tests/test_methods_slow.py`` (about 15 minutes on 2 bu
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from test_train_slow import synth_store  # noqa: F401 (fixture)
-from train.cli import main
+from test_train_slow import show_table, sweep_table, synth_store  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
-SEEDS = "0,1,2"
 METHODS = "finetune,simplecil,ranpac,fecam,afc-nme,afc-lsc,cign,l2p,dualprompt"
-
-
-def _sweep(store, out, *extra):
-    res = main(["--cache", store, "--class-order", ",".join(str(i) for i in range(12)), "--classes-per-task", "3",
-                "--memory", "36", "--protocol", "synth-4x3-ordered", "--preset", "synth", "--seeds", SEEDS,
-                "--out", str(out), "--jobs", "2", "-q", *extra])
-    assert all(r["status"] == "ok" for r in res), [r.get("error") for r in res]
-    table = {}
-    for m in dict.fromkeys(r["method"] for r in res):
-        rs = [r for r in res if r["method"] == m]
-        assert len(rs) == 3
-        table[m] = {k: float(np.mean([r["metrics"][k] for r in rs])) for k in ("mean_accuracy", "average_forgetting")}
-    return table
 
 
 def test_seed_table_methods_on_synth(synth_store, capsys):  # noqa: F811
     store, root = synth_store
-    t = _sweep(store, root / "runs-methods", "--method", METHODS)
-    t.update(_sweep(store, root / "runs-methods", "--method", "avcil", "--stream", "visual=visual_dense",
-                    "--set", "head.frames=8"))
-    with capsys.disabled():
-        print("\nsynth, 4 x 3 classes in class order, 3 seeds, mean accuracy / average forgetting (%):")
-        for k, v in t.items():
-            print(f"  {k:12s} {100 * v['mean_accuracy']:5.1f} / {100 * v['average_forgetting']:5.1f}")
-    acc = {k: v["mean_accuracy"] for k, v in t.items()}
-    forg = {k: v["average_forgetting"] for k, v in t.items()}
+    t = sweep_table(store, root / "runs-methods", "--method", METHODS)
+    t.update(sweep_table(store, root / "runs-methods", "--method", "avcil", "--stream", "visual=visual_dense",
+                         "--set", "head.frames=8"))
+    acc, forg = show_table(t, capsys)
     assert all(a > 3 / 12 for a in acc.values()), acc
     for m in ("simplecil", "fecam", "avcil", "afc-nme", "afc-lsc", "cign"):
         assert forg[m] < forg["finetune"], m

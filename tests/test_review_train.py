@@ -9,21 +9,14 @@ import torch
 
 from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
-from train_fixtures import Interrupted, interrupt_before_task, make_toy
-from train.features import FeatureSet
+from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
+from train_fixtures import Interrupted, interrupt_before_task
 from train.methods import build_method
 from train.methods.base import Method
 from train.trainer import Trainer
 
 TINY = {"epochs": 2, "batch_size": 16, "exemplar_batch_size": 8, "lr": 3e-3}
 HEAD = {"d_model": 16, "n_heads": 2}
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    t = make_toy(root, n_classes=6, classes_per_task=2, memory=12)
-    return t, FeatureSet.from_stores([t.store]), root
 
 
 def _trainer(fs, proto, method, run_dir=None, **kw):
@@ -50,7 +43,8 @@ def test_icarl_resume_restores_herded_memory_and_class_means(toy, tmp_path):
 
 
 def test_uneven_tasks_distil_within_each_old_task_and_rebalance_memory(toy):
-    t, fs, root = toy
+    t, fs, _ = toy
+    root = t.root
     p = json.loads(open(t.protocol).read())
     p.update(name="toy-3-1-2", tasks=[[4, 1, 0], [5], [2, 3]])
     path = root / "uneven.json"

@@ -43,18 +43,30 @@ def synth_store(tmp_path_factory):
     return str(store), root
 
 
-def _sweep(store, out, *extra):
+def sweep_table(store, out, *extra, label=lambda r: r["method"]) -> dict[str, dict[str, float]]:
+    """``avcl-train`` over the synth store (12 classes, 4 tasks of 3 in class order, 36 exemplars, 3 seeds)
+    with the ``extra`` arguments: mean accuracy and average forgetting over the seeds of each ``label(run)``."""
     res = main(["--cache", store, "--class-order", ",".join(str(i) for i in range(12)), "--classes-per-task", "3",
                 "--memory", "36", "--protocol", "synth-4x3-ordered", "--preset", "synth", "--seeds", SEEDS,
                 "--out", str(out), "--jobs", "2", "-q", *extra])
     assert all(r["status"] == "ok" for r in res), [r.get("error") for r in res]
     table: dict[str, dict[str, float]] = {}
-    for label in dict.fromkeys(_label(r) for r in res):
-        rs = [r for r in res if _label(r) == label]
+    for name in dict.fromkeys(label(r) for r in res):
+        rs = [r for r in res if label(r) == name]
         assert len(rs) == 3
-        table[label] = {k: float(np.mean([r["metrics"][k] for r in rs]))
-                        for k in ("mean_accuracy", "average_forgetting")}
+        table[name] = {k: float(np.mean([r["metrics"][k] for r in rs]))
+                       for k in ("mean_accuracy", "average_forgetting")}
     return table
+
+
+def show_table(table: dict[str, dict[str, float]], capsys) -> tuple[dict[str, float], dict[str, float]]:
+    """Print the table (shown even when pytest captures output); returns ({label: mean accuracy},
+    {label: average forgetting})."""
+    with capsys.disabled():
+        print("\nsynth, 4 x 3 classes in class order, 3 seeds, mean accuracy / average forgetting (%):")
+        for k, v in table.items():
+            print(f"  {k:14s} {100 * v['mean_accuracy']:5.1f} / {100 * v['average_forgetting']:5.1f}")
+    return ({k: v["mean_accuracy"] for k, v in table.items()}, {k: v["average_forgetting"] for k, v in table.items()})
 
 
 def _label(r):
@@ -63,14 +75,9 @@ def _label(r):
 
 def test_methods_and_heads_on_synth(synth_store, capsys):
     store, root = synth_store
-    t = _sweep(store, root / "runs", "--method", "finetune,lwf,ssil,lll,joint")
-    t.update(_sweep(store, root / "runs", "--method", "lll,joint", "--head", "audio,visual"))
-    with capsys.disabled():
-        print("\nsynth, 4 x 3 classes in class order, 3 seeds, mean accuracy / average forgetting (%):")
-        for k, v in t.items():
-            print(f"  {k:14s} {100 * v['mean_accuracy']:5.1f} / {100 * v['average_forgetting']:5.1f}")
-    acc = {k: v["mean_accuracy"] for k, v in t.items()}
-    forg = {k: v["average_forgetting"] for k, v in t.items()}
+    t = sweep_table(store, root / "runs", "--method", "finetune,lwf,ssil,lll,joint", label=_label)
+    t.update(sweep_table(store, root / "runs", "--method", "lll,joint", "--head", "audio,visual", label=_label))
+    acc, forg = show_table(t, capsys)
     assert forg["finetune"] >= 0.5
     for m in ("lwf", "ssil", "lll"):
         assert forg[m] <= forg["finetune"] - 0.3, m

@@ -11,9 +11,10 @@ import torch
 from avcl_core import metrics as M
 from avcl_core.protocols import load_protocol
 from train_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
+from train_fixtures import toy  # noqa: F401 (module fixture: 6 classes, 3 tasks)
 from train_fixtures import Interrupted, interrupt_before_task, make_toy, write_protocol
 from train.features import FeatureSet
-from train.heads import HEADS, HeadError, build_head
+from train.heads import HEADS, HeadError, build_head, head_config
 from train.heads.base import MultiHeadAttention
 from train.methods import build_method
 from train.methods.base import Method
@@ -23,15 +24,8 @@ TINY = {"epochs": 3, "batch_size": 16, "exemplar_batch_size": 8, "lr": 3e-3}
 HEAD = {"d_model": 16, "n_heads": 2}
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    t = make_toy(root, n_classes=6, classes_per_task=2, memory=12)
-    return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol), root
-
-
 def trainer(toy, method="finetune", run_dir=None, seed=0, **kw):
-    _, fs, proto, _ = toy
+    _, fs, proto = toy
     opts = {**TINY, **kw.pop("opts", {})}
     m = method if isinstance(method, Method) else build_method(method, opts)
     return Trainer(fs, proto, m, head_config=HEAD, seed=seed, run_dir=run_dir, **kw)
@@ -88,7 +82,8 @@ def test_accuracy_matrix_and_step_accuracy_hand_computed(toy):
 
 
 def test_task_incremental_protocol_predicts_within_the_task(toy):
-    _, fs, _, root = toy
+    t, fs, _ = toy
+    root = t.root
     proto = load_protocol(write_protocol(root, "toy-til", 6, 2, memory=0, setting="TIL"))
     hp = build_method("finetune", {**TINY, "epochs": 1}).hp
     res = Trainer(fs, proto, ConstantPredictor(hp, 0), head_config=HEAD).fit()
@@ -245,3 +240,10 @@ def test_multi_head_attention_matches_torch_reference():
         ref.out_proj.bias.copy_(mine.out.bias)
     q, kv = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
     torch.testing.assert_close(mine(q, kv), ref(q, kv, kv, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("head", ["guided", "film", "cign", "l2p", "dualprompt", "audio", "visual", "atlas"])
+def test_attention_heads_refuse_a_width_their_heads_cannot_split(head):
+    with pytest.raises(HeadError, match=rf"head '{head}': d_model \(10\) must be a positive multiple of n_heads \(3\)"):
+        build_head(head, {"audio": (1, 4), "visual": (2, 4)}, {"d_model": 10, "n_heads": 3})
+    assert head_config(head, {"d_model": 12, "n_heads": 3}).d_model == 12

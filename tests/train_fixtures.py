@@ -35,6 +35,7 @@ class ToyData:
     protocol: str  # path of the protocol file
     protocol_name: str
     features: dict = field(default_factory=dict)  # stream -> float16 array written (N, T, D)
+    root: Path | None = None  # the folder holding the store and the protocols
 
 
 def visual_id(i: int) -> int:
@@ -127,7 +128,17 @@ def make_toy(root: str | Path, n_classes: int = 6, classes_per_task: int = 2, pe
     name = name or f"toy-{n_classes // classes_per_task}x{classes_per_task}"
     memory = 2 * n_classes if memory is None else memory
     proto = write_protocol(root, name, n_classes, classes_per_task, memory)
-    return ToyData(store, manifest, proto, name, {k: v.astype(np.float16) for k, v in feats.items()})
+    return ToyData(store, manifest, proto, name, {k: v.astype(np.float16) for k, v in feats.items()}, root)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """6 classes in 3 tasks of 2, memory 12 (one per test module): (:class:`ToyData`, its FeatureSet, its Protocol)."""
+    from avcl_core.protocols import load_protocol
+    from train.features import FeatureSet
+
+    t = make_toy(tmp_path_factory.mktemp("toy"), n_classes=6, classes_per_task=2, memory=12)
+    return t, FeatureSet.from_stores([t.store]), load_protocol(t.protocol)
 
 
 @pytest.fixture(autouse=True)

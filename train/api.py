@@ -283,7 +283,8 @@ def make_specs(stores, methods: str | Sequence[str], *, out: str | Path, protoco
     if "avcil" in method_list:  # dense visual tokens: refuse before loading streams that would not fit
         from train.methods.avcil import check_dense_memory
 
-        check_dense_memory(list(caches), dict(stream_pairs) if stream_pairs else None, device)
+        check_dense_memory(list(caches), dict(stream_pairs) if stream_pairs else None, device,
+                           feature_memory=feature_memory)
     seed_list = parse_seeds(seeds)
     if protocol and class_order is None and (str(protocol).endswith((".json", ".json.gz")) or "/" in str(protocol)):
         protocol = str(Path(protocol).resolve())  # workers may run elsewhere

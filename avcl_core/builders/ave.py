@@ -93,10 +93,5 @@ def build(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
             report.add(NO_SPLIT, f"{vid} ({ann.name}:{anns[0][0]})")
             report.dropped += 1
             continue
-        video = f"AVE/{vid}.mp4"
-        cands.append(Candidate(
-            {"sample_id": vid, "dataset": DATASET, "split": split, "label": label[cat], "class_name": cat,
-             "video": video},
-            [video],
-        ))
+        cands.append(Candidate.video(DATASET, vid, split, label[cat], cat, f"AVE/{vid}.mp4"))
     return finish(DATASET, root, cands, report, deep=deep, sorted_ids=True), report

@@ -74,20 +74,30 @@ def _meta(root: Path, sub: str, name: str, what: str) -> tuple[Path, str]:
     return path, rel(path.parent, root) if path.parent != root else ""
 
 
-def build_s4(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
-    report = Report(dataset="avsbench-s4", root=str(root))
-    csv_path, prefix = _meta(root, "Single-source", "s4_meta_data.csv", "S4")
+def _table(csv_path: Path, report: Report) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, data rows as (line number, fields)) of a metadata CSV; rows whose field count is not
+    the header's are reported as malformed and left out. :class:`BuildError` when the file is empty."""
     lines = read_csv_rows(csv_path, report)
     if not lines:
         raise BuildError(f"{csv_path} is empty")
     header = lines[0][1]
-    col = _columns(header, {"name": (("name", "video_id", "vid"), 0), "category": (("category",), 2),
-                            "split": (("split",), 3)})
-    parsed = []
+    rows = []
     for lineno, row in lines[1:]:
         if len(row) != len(header):
             report.add(MALFORMED, f"{csv_path.name}:{lineno}: expected {len(header)} fields, got {len(row)}")
             continue
+        rows.append((lineno, row))
+    return header, rows
+
+
+def build_s4(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
+    report = Report(dataset="avsbench-s4", root=str(root))
+    csv_path, prefix = _meta(root, "Single-source", "s4_meta_data.csv", "S4")
+    header, rows = _table(csv_path, report)
+    col = _columns(header, {"name": (("name", "video_id", "vid"), 0), "category": (("category",), 2),
+                            "split": (("split",), 3)})
+    parsed = []
+    for lineno, row in rows:
         name, cat, split = (row[col[k]].strip() for k in ("name", "category", "split"))
         if not name or not cat or split not in SPLITS:
             report.add(MALFORMED, f"{csv_path.name}:{lineno}: needs a name, a category and split "
@@ -122,17 +132,11 @@ def build_s4(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
 def build_ms3(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
     report = Report(dataset="avsbench-ms3", root=str(root))
     csv_path, prefix = _meta(root, "Multi-sources", "ms3_meta_data.csv", "MS3")
-    lines = read_csv_rows(csv_path, report)
-    if not lines:
-        raise BuildError(f"{csv_path} is empty")
-    header = lines[0][1]
+    header, rows = _table(csv_path, report)
     col = _columns(header, {"vid": (("video_id", "name", "vid", "uid"), 0), "split": (("split",), 1)})
     seen: dict[str, int] = {}
     cands = []
-    for lineno, row in lines[1:]:
-        if len(row) != len(header):
-            report.add(MALFORMED, f"{csv_path.name}:{lineno}: expected {len(header)} fields, got {len(row)}")
-            continue
+    for lineno, row in rows:
         vid, split = row[col["vid"]].strip(), row[col["split"]].strip()
         if not vid or split not in SPLITS:
             report.add(MALFORMED, f"{csv_path.name}:{lineno}: needs a video id and split train/val/test, got {row!r}")
@@ -201,19 +205,14 @@ def build_avss(root: Path, deep: bool = False) -> tuple[Manifest, Report]:
     if csv_path is None:
         raise BuildError(f"{root}: no metadata.csv — the AVSBench-semantic metadata (vid,uid,s_min,s_sec,a_obj,"
                          "split,label) is expected in the dataset root")
-    lines = read_csv_rows(csv_path, report)
-    if not lines:
-        raise BuildError(f"{csv_path} is empty")
-    header = [h.strip().lower() for h in lines[0][1]]
+    header, rows = _table(csv_path, report)
+    header = [h.strip().lower() for h in header]
     missing_cols = [c for c in ("uid", "a_obj", "split", "label") if c not in header]
     if missing_cols:
         raise BuildError(f"{csv_path}: header lacks column(s) {', '.join(missing_cols)}")
     col = {c: header.index(c) for c in ("uid", "a_obj", "split", "label")}
     good = []
-    for lineno, row in lines[1:]:
-        if len(row) != len(header):
-            report.add(MALFORMED, f"{csv_path.name}:{lineno}: expected {len(header)} fields, got {len(row)}")
-            continue
+    for lineno, row in rows:
         uid, a_obj, split, subset = (row[col[c]].strip() for c in ("uid", "a_obj", "split", "label"))
         if not uid or split not in SPLITS or subset not in ("v1s", "v1m", "v2"):
             report.add(MALFORMED, f"{csv_path.name}:{lineno}: needs a uid, split train/val/test and label "

@@ -231,6 +231,12 @@ class Candidate:
     row: dict
     files: list[str]
 
+    @classmethod
+    def video(cls, dataset: str, sample_id: str, split: str, label: int, class_name: str, video: str) -> "Candidate":
+        """A single-label clip in one video file (``video``, relative to the root)."""
+        return cls({"sample_id": sample_id, "dataset": dataset, "split": split, "label": label,
+                    "class_name": class_name, "video": video}, [video])
+
 
 def finish(dataset: str, root: Path, candidates: Iterable[Candidate], report: Report, deep: bool = False,
            workers: int = 8, sorted_ids: bool = False) -> Manifest:

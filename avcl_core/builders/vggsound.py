@@ -81,12 +81,7 @@ def _from_csv(dataset: str, root: Path, deep: bool, rows: list[tuple[int, str, s
     for lineno, sid, cname, split in rows:
         if not first_occurrence(seen, sid, lineno, "vggsound.csv", report):
             continue
-        video = f"video/{sid}.mp4"
-        cands.append(Candidate(
-            {"sample_id": sid, "dataset": dataset, "split": split, "label": label[cname], "class_name": cname,
-             "video": video},
-            [video],
-        ))
+        cands.append(Candidate.video(dataset, sid, split, label[cname], cname, f"video/{sid}.mp4"))
     report.annotated = len(cands)
     return finish(dataset, root, cands, report, deep=deep, sorted_ids=True)
 
@@ -145,11 +140,7 @@ def _from_lists(dataset: str, protocol: Protocol, root: Path, report: Report, vi
                 report.add(MISSING, f"{sid}: no video file named {sid}.* or {sid}_*.* under the root")
                 report.dropped += 1
                 continue
-            cands.append(Candidate(
-                {"sample_id": sid, "dataset": dataset, "split": split, "label": c,
-                 "class_name": protocol.classes[c], "video": video},
-                [video],
-            ))
+            cands.append(Candidate.video(dataset, sid, split, c, protocol.classes[c], video))
     report.annotated = len(labels)
     return cands
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.heads.base import HeadError, register_head
+from train.heads.base import HeadError, check_attention_width, register_head
 from train.heads.seg import LoRA, MaskDecoder, SegHead
 
 
@@ -63,8 +63,7 @@ class AtlasHead(SegHead):
         dropout: float = 0.0
 
         def check(self, what: str) -> None:
-            if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
-                raise HeadError(f"{what}: d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+            check_attention_width(what, self.d_model, self.n_heads)
             if self.lora_r < 0:
                 raise HeadError(f"{what}: lora_r must be >= 0")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.heads.base import AttentionBlock, Head, HeadError, TokenProjection, register_head
+from train.heads.base import AttentionBlock, Head, HeadError, TokenProjection, check_attention_width, register_head
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,7 @@ class SingleStreamConfig:
     layers: int = 2
 
     def check(self, what: str) -> None:
-        if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
-            raise HeadError(f"{what}: d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+        check_attention_width(what, self.d_model, self.n_heads)
         if self.layers < 0:
             raise HeadError(f"{what}: layers must be >= 0, got {self.layers}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,13 @@ class HeadError(ValueError):
 
 class OptionError(ValueError):
     """An unknown option name or a value of the wrong type; the message lists the valid names."""
+
+
+def check_attention_width(what: str, d_model: int, n_heads: int) -> None:
+    """:class:`HeadError` unless ``d_model`` is a positive multiple of ``n_heads`` (multi-head
+    attention splits ``d_model`` into ``n_heads`` equal parts)."""
+    if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+        raise HeadError(f"{what}: d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
 
 
 # -- typed options -------------------------------------------------------------------
@@ -124,45 +131,23 @@ class Head(nn.Module):
 HEADS: dict[str, type[Head]] = {}
 
 
-def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
-    """Class decorator: register a :class:`Head` subclass under ``name`` (sets ``cls.name``).
-
-    Where it came from (built-in, a plugin, a file) is recorded for ``avcl-train --list``.
-    """
-    def deco(cls: type[Head]) -> type[Head]:
-        if name in HEADS:
-            raise HeadError(f"head {name!r} registered twice")
-        cls.name = name
-        REGISTRY.add(name, cls)
-        return cls
-
-    return deco
-
-
 #: built-in heads, entry points of group ``avcl.heads`` (loaded on first lookup) and
 #: ``file.py:Class`` / ``module:Class`` references (see :mod:`avcl_core.plugins`)
-REGISTRY = Registry("head", Head, HeadError, HEADS, lambda name, cls: register_head(name)(cls))
+REGISTRY = Registry("head", Head, HeadError, HEADS)
 
-
-def head_names(plugins: bool = True) -> list[str]:
-    """Every registered head name, sorted; ``plugins`` imports the ``avcl.heads`` entry points first."""
-    return REGISTRY.names(plugins)
-
-
-def resolve_head(name: str) -> str:
-    """The registered name of a head given by name, entry-point name or ``file.py:Class`` /
-    ``module:Class`` reference (loaded and registered now); :class:`HeadError` when it cannot be used."""
-    return REGISTRY.resolve(name)
-
-
-def head_origin(name: str) -> str:
-    """``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or ``module <name>``."""
-    return REGISTRY.origin(resolve_head(name))
-
-
-def head_class(name: str) -> type[Head]:
-    """The class of head ``name`` (anything :func:`resolve_head` accepts)."""
-    return REGISTRY.get(name)
+#: ``@register_head(name)``: class decorator registering a :class:`Head` subclass under ``name``
+#: (sets ``cls.name``; where it came from is recorded for ``avcl-train --list``)
+register_head = REGISTRY.register
+#: ``head_names(plugins=True)``: every registered head name, sorted (``plugins``: import the entry points first)
+head_names = REGISTRY.names
+#: ``resolve_head(name)``: the registered name of a head given by name, entry-point name or
+#: ``file.py:Class`` / ``module:Class`` reference (loaded and registered now); HeadError when unusable
+resolve_head = REGISTRY.resolve
+#: ``head_origin(name)``: ``built-in``, ``plugin <distribution> <version> (<module:attr>)``,
+#: ``file <path>`` or ``module <name>``
+head_origin = REGISTRY.origin
+#: ``head_class(name)``: the class of head ``name`` (anything :func:`resolve_head` accepts)
+head_class = REGISTRY.get
 
 
 def head_config(name: str, options: Mapping[str, Any] | None = None):

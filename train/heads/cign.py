@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.heads.base import FeedForward, Head, HeadError, MultiHeadAttention, TokenProjection, register_head
+from train.heads.base import (
+    FeedForward, Head, HeadError, MultiHeadAttention, TokenProjection, check_attention_width, register_head,
+)
 
 MODALITIES = {"av": ("audio", "visual"), "audio": ("audio",), "visual": ("visual",)}
 
@@ -55,8 +57,7 @@ class CIGNHead(Head):
         token_std: float = 1.0
 
         def check(self, what: str) -> None:
-            if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
-                raise HeadError(f"{what}: d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+            check_attention_width(what, self.d_model, self.n_heads)
             if self.depth < 0 or self.modality not in MODALITIES:
                 raise HeadError(f"{what}: depth must be >= 0 and modality one of {', '.join(MODALITIES)}")
 

@@ -46,7 +46,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from train.heads.base import AttentionBlock, Head, HeadError, TokenProjection, register_head, standardize_tokens
+from train.heads.base import (
+    AttentionBlock, Head, TokenProjection, check_attention_width, register_head, standardize_tokens,
+)
 
 log = logging.getLogger("avcl.train")
 
@@ -63,8 +65,7 @@ class GuidedAttentionHead(Head):
         dropout: float = 0.1
 
         def check(self, what: str) -> None:
-            if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
-                raise HeadError(f"{what}: d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+            check_attention_width(what, self.d_model, self.n_heads)
 
     def __init__(self, dims, cfg: Config) -> None:
         super().__init__(dims, cfg)

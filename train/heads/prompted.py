@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.heads.base import Head, HeadError, TokenProjection, register_head
+from train.heads.base import Head, HeadError, TokenProjection, check_attention_width, register_head
 from train.heads.cign import PreNormBlock
 
 
@@ -54,8 +54,7 @@ class PromptConfig:
     e_layers: tuple[int, ...] = (2, 3, 4)
 
     def check(self, what: str) -> None:
-        if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
-            raise HeadError(f"{what}: d_model ({self.d_model}) must be a positive multiple of n_heads ({self.n_heads})")
+        check_attention_width(what, self.d_model, self.n_heads)
         if self.depth < 1 or self.pool_size < 1 or not 1 <= self.top_k <= self.pool_size:
             raise HeadError(f"{what}: need depth >= 1, pool_size >= 1 and 1 <= top_k <= pool_size")
         bad = [i for i in (*self.g_layers, *self.e_layers) if not 0 <= i < self.depth]

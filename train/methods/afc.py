@@ -153,13 +153,10 @@ class AFCHparams(Hparams):
     cbf_epochs: int = 20
     cbf_lr: float = 0.05
     selection: str = "herding"
+    choices = {"classifier": ("lsc", "nme"), "importance": ("task", "port")}
 
     def check(self, what: str) -> None:
         super().check(what)
-        if self.classifier not in ("lsc", "nme"):
-            raise OptionError(f"{what}: classifier must be 'lsc' or 'nme', got {self.classifier!r}")
-        if self.importance not in ("task", "port"):
-            raise OptionError(f"{what}: importance must be 'task' or 'port', got {self.importance!r}")
         if self.K < 1 or self.cbf_epochs < 0 or self.cbf_lr <= 0:
             raise OptionError(f"{what}: need K >= 1, cbf_epochs >= 0, cbf_lr > 0")
 

@@ -31,10 +31,13 @@ the shared defaults (AV-CIL's Adam, lr 1e-3, weight decay 1e-4, 200 epochs,
 Departure: the released code trains step 1 of AVE with 4 classes per step with
 plain CE (a special case of its script); here every step from 1 on uses CE_sep.
 
-Memory: dense VideoMAE tokens are large (8 x 196 x 768 per clip: 4.8 MB in
-float32; AVE 18 GiB, K-S 104 GiB, VGGSound-100 274 GiB). The feature set holds
-every stream in memory, so :func:`check_dense_memory` (called by ``avcl-train``)
-refuses a run whose streams would not fit, naming the memory it needs.
+Memory: dense VideoMAE tokens are large (8 x 196 x 768 per clip: 2.4 MB as the
+float16 the feature set holds; AVE 9 GiB, K-S 52 GiB, VGGSound-100 137 GiB).
+Streams larger than ``--feature-memory`` are streamed from the store's shards
+(:mod:`train.features`; epochs then shuffle within windows of blocks, as for
+every method) and AV-CIL trains from them: nothing here needs every sample
+resident (see :func:`check_dense_memory`, called by
+``avcl-train``, which refuses only a run whose resident part would not fit).
 """
 from __future__ import annotations
 
@@ -65,11 +68,10 @@ class AVCILHparams(Hparams):
     instance: bool = True
     class_aware: bool = True
     vad: bool = True
+    choices = {"class_norm": ("all", "positives")}
 
     def check(self, what: str) -> None:
         super().check(what)
-        if self.class_norm not in ("all", "positives"):
-            raise OptionError(f"{what}: class_norm must be 'all' or 'positives', got {self.class_norm!r}")
         if not 0 <= self.lam <= 1 or self.tau_I <= 0 or self.tau_C <= 0:
             raise OptionError(f"{what}: need 0 <= lam <= 1 and tau_I, tau_C > 0")
 
@@ -143,46 +145,114 @@ def available_memory(device: str | torch.device) -> int:
     :func:`train.features.available_memory` measures them."""
     from train.features import available_memory as free_bytes
 
+    return free_bytes(_device(device))
+
+
+def _device(device) -> str | torch.device:
     if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return free_bytes(device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
-def dense_stream_bytes(stores, streams: dict[str, str] | None) -> dict[str, int]:
-    """Bytes each FeatureSet stream takes in memory (float32, all rows): {stream: bytes}."""
-    from avcl_core.cache import open_store
-    from train.features import DEFAULT_STREAMS
+@dataclass(frozen=True)
+class DenseMemoryPlan:
+    """How the FeatureSet of a run will hold its streams.
+
+    ``need``: bytes of each stream when resident ({'name=stream (store)': bytes});
+    ``rows``: the rows the set holds; ``block_rows``: rows per streamed block;
+    ``budget``: the FeatureSet's memory budget (``--feature-memory``, default half
+    of ``free``); ``free``: the free memory of the training device.
+    """
+
+    need: dict[str, int]
+    rows: int
+    block_rows: int
+    budget: int
+    free: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.need.values())
+
+    @property
+    def streamed(self) -> bool:
+        """True when the set streams its blocks from the store (the streams exceed the budget)."""
+        return self.total > self.budget
+
+    @property
+    def resident(self) -> int:
+        """Bytes the set holds: every stream, or (streamed) the blocks that fit the budget, at least two."""
+        if not self.streamed:
+            return self.total
+        block = self.total * self.block_rows // max(1, self.rows)
+        return max(2, self.budget // max(1, block)) * block
+
+
+def dense_stream_bytes(stores, streams: dict[str, str] | None) -> tuple[dict[str, int], int, int]:
+    """Bytes each FeatureSet stream takes when resident, as :class:`train.features.FeatureSet` holds it:
+    ({stream: bytes}, rows, block rows).
+
+    Rows are those of the primary (first) store with status ok (the set drops the
+    rest; a sample missing from another store is counted, so this is an upper
+    bound); each row is (T, D) in the resident dtype (float16 stores: 2 bytes a
+    value, others 4). A block is the primary store's rows per shard.
+    """
+    from avcl_core.cache import STATUS_OK, open_store
+    from train.features import DEFAULT_STREAMS, _normalised_dims, _resident_dtype
 
     wanted = {**DEFAULT_STREAMS, **dict(streams or {})}
-    out: dict[str, int] = {}
     opened = [open_store(s) if isinstance(s, str) else s for s in stores]
+    rows = int((opened[0].row_status() == STATUS_OK).sum())
+    out: dict[str, int] = {}
     for name, stream in wanted.items():
         for st in opened:
             if stream in st.streams:
-                shape = st.group[stream].shape
-                out[f"{name}={stream} ({st.path})"] = int(np.prod(shape, dtype=np.int64)) * 4
+                arr = st.group[stream]
+                t, d = _normalised_dims(tuple(arr.shape), stream, st.path)
+                item = 2 if _resident_dtype(arr.dtype) == torch.float16 else 4
+                out[f"{name}={stream} ({st.path})"] = rows * t * d * item
                 break
-    return out
+    return out, rows, int(min(rows, opened[0].rows_per_shard)) or 1
 
 
 class DenseMemoryError(OptionError):
     """The dense streams of a run do not fit in memory; the message names the bytes needed."""
 
 
-def check_dense_memory(stores, streams, device="auto", available: int | None = None, margin: float = 0.8) -> int:
-    """Raise :class:`DenseMemoryError` when the run's streams (float32) exceed ``margin`` x the free memory.
+def check_dense_memory(stores, streams, device="auto", available: int | None = None,
+                       feature_memory: str | int | None = None, margin: float = 0.8) -> DenseMemoryPlan:
+    """How the run's FeatureSet will hold its streams; :class:`DenseMemoryError` when that cannot fit.
 
-    Returns the bytes needed. The feature set holds every stream in memory; streaming
-    dense tokens shard by shard is the remedy for larger ones.
+    Streams larger than the budget (``feature_memory``, as ``--feature-memory``;
+    default half the free memory, as the FeatureSet's) are streamed from the
+    store's shards, and AV-CIL trains from them as from a resident set: every
+    step reads one batch of current samples and one of exemplars (kept resident
+    by the trainer), the teacher's outputs and attention maps are computed per
+    batch, and exemplars are drawn at random, so no pass needs every sample
+    in memory at once. The run is refused only when what the set would hold
+    (every stream, or at least two blocks when streamed) exceeds ``margin`` x the
+    free memory ``available`` (default: measured on ``device``); the message
+    names the streams, the bytes and the ``--feature-memory`` to set.
     """
-    need = dense_stream_bytes(stores, streams)
-    total = sum(need.values())
+    from train.features import parse_size
+
+    need, rows, block_rows = dense_stream_bytes(stores, streams)
     free = available_memory(device) if available is None else int(available)
-    if total > margin * free:
-        gib = 1024 ** 3
-        parts = ", ".join(f"{k}: {v / gib:.1f} GiB" for k, v in need.items())
+    budget = parse_size(feature_memory) if feature_memory is not None else free // 2
+    plan = DenseMemoryPlan(need, rows, block_rows, budget, free)
+    if plan.resident <= margin * free:
+        return plan
+    gib = 1024 ** 3
+    parts = ", ".join(f"{k}: {v / gib:.1f} GiB" for k, v in need.items())
+    where = f"only {free / gib:.1f} GiB is free on {_device(device)}"
+    if not plan.streamed:
         raise DenseMemoryError(
-            f"method 'avcil': the feature streams need {total / gib:.1f} GiB in memory as float32 ({parts}) but "
-            f"only {free / gib:.1f} GiB is free on {device}; use a smaller protocol/dataset, a machine with more "
-            "memory, or a feature set that streams dense tokens")
-    return total
+            f"method 'avcil': the feature streams need {plan.total / gib:.1f} GiB in memory ({parts}) and "
+            f"--feature-memory {feature_memory} holds them all, but {where}; set --feature-memory below "
+            f"{margin * free / gib:.1f}G (e.g. --feature-memory {max(1, int(free / 2 / 2**20))}M) to stream them "
+            "from the store's shards")
+    block = plan.total * block_rows // max(1, rows)
+    raise DenseMemoryError(
+        f"method 'avcil': streamed, the feature streams ({parts}) still need {plan.resident / gib:.1f} GiB resident "
+        f"(blocks of {block_rows} rows, {block / gib:.2f} GiB each, at least two) but {where}; lower "
+        f"--feature-memory (now {budget / gib:.1f} GiB) or write the store with fewer rows per shard")

@@ -81,6 +81,8 @@ class Hparams:
     selection: str = "random"
     grad_clip: float = 0.0
     drop_last: bool = False
+    #: text options of a subclass and the values each may take, checked by :meth:`check`
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def check(self, what: str) -> None:
         def bad(msg: str) -> None:
@@ -98,6 +100,9 @@ class Hparams:
             bad(f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}")
         if self.lr <= 0 or self.weight_decay < 0:
             bad("lr must be > 0 and weight_decay >= 0")
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                bad(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
 
 
 class Method:
@@ -186,47 +191,28 @@ class MethodError(ValueError):
     """An unknown or unusable method name; the message lists the available ones or names the plugin's error."""
 
 
-def register_method(name: str):
-    """Class decorator: register a :class:`Method` subclass under ``name`` (sets ``cls.name``).
-
-    Where it came from (built-in, a plugin, a file) is recorded for ``avcl-train --list``.
-    """
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
-        if cls.replay not in REPLAY_MODES:
-            raise ValueError(f"method {name!r}: replay {cls.replay!r} is not one of {REPLAY_MODES}")
-        cls.name = name
-        REGISTRY.add(name, cls)
-        return cls
-
-    return deco
+def _check_replay(name: str, cls: type[Method]) -> None:
+    if cls.replay not in REPLAY_MODES:
+        raise MethodError(f"method {name!r}: replay {cls.replay!r} is not one of {REPLAY_MODES}")
 
 
 #: built-in methods, entry points of group ``avcl.methods`` (loaded on first lookup) and
 #: ``file.py:Class`` / ``module:Class`` references (see :mod:`avcl_core.plugins`)
-REGISTRY = Registry("method", Method, MethodError, METHODS, lambda name, cls: register_method(name)(cls))
+REGISTRY = Registry("method", Method, MethodError, METHODS, _check_replay)
 
-
-def method_names(plugins: bool = True) -> list[str]:
-    """Every registered method name, sorted; ``plugins`` imports the ``avcl.methods`` entry points first."""
-    return REGISTRY.names(plugins)
-
-
-def resolve_method(name: str) -> str:
-    """The registered name of a method given by name, entry-point name or ``file.py:Class`` /
-    ``module:Class`` reference (loaded and registered now); :class:`MethodError` when it cannot be used."""
-    return REGISTRY.resolve(name)
-
-
-def method_origin(name: str) -> str:
-    """``built-in``, ``plugin <distribution> <version> (<module:attr>)``, ``file <path>`` or ``module <name>``."""
-    return REGISTRY.origin(resolve_method(name))
-
-
-def method_class(name: str) -> type[Method]:
-    """The class of method ``name`` (anything :func:`resolve_method` accepts)."""
-    return REGISTRY.get(name)
+#: ``@register_method(name)``: class decorator registering a :class:`Method` subclass under ``name``
+#: (sets ``cls.name``; where it came from is recorded for ``avcl-train --list``)
+register_method = REGISTRY.register
+#: ``method_names(plugins=True)``: every registered method name, sorted (``plugins``: import the entry points first)
+method_names = REGISTRY.names
+#: ``resolve_method(name)``: the registered name of a method given by name, entry-point name or
+#: ``file.py:Class`` / ``module:Class`` reference (loaded and registered now); MethodError when unusable
+resolve_method = REGISTRY.resolve
+#: ``method_origin(name)``: ``built-in``, ``plugin <distribution> <version> (<module:attr>)``,
+#: ``file <path>`` or ``module <name>``
+method_origin = REGISTRY.origin
+#: ``method_class(name)``: the class of method ``name`` (anything :func:`resolve_method` accepts)
+method_class = REGISTRY.get
 
 
 def method_hparams(name: str, options: Mapping[str, Any] | None = None, base=None):

@@ -22,6 +22,4 @@ class EWCHparams(RegHparams):
 @register_method("ewc")
 class EWC(ParamRegularizer):
     Hparams = EWCHparams
-
-    def task_importance(self, task: int):
-        return fisher_diagonal(self.trainer, self.anchored(), self.train_indices(task), self.hp.importance_batch_size)
+    estimate = staticmethod(fisher_diagonal)

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from train.heads.base import OptionError
 from train.methods import losses
 from train.methods.base import Hparams, Method, register_method
 
@@ -37,11 +36,7 @@ class ICaRLHparams(Hparams):
     classifier: str = "nme"  # nme | fc
     lamb: float = 1.0  # weight of the sigmoid distillation
     selection: str = "herding"
-
-    def check(self, what: str) -> None:
-        super().check(what)
-        if self.classifier not in ("nme", "fc"):
-            raise OptionError(f"{what}: classifier must be 'nme' or 'fc', got {self.classifier!r}")
+    choices = {"classifier": ("nme", "fc")}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,4 @@ class MASHparams(RegHparams):
 @register_method("mas")
 class MAS(ParamRegularizer):
     Hparams = MASHparams
-
-    def task_importance(self, task: int):
-        return output_sensitivity(self.trainer, self.anchored(), self.train_indices(task),
-                                  self.hp.importance_batch_size)
+    estimate = staticmethod(output_sensitivity)

@@ -33,7 +33,7 @@ Importance estimators:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -151,12 +151,15 @@ class RegHparams(Hparams):
 class ParamRegularizer(Method):
     """Base of EWC, SI, MAS and ATLAS's anchoring: the penalty, the anchor and the importance bookkeeping.
 
-    Subclasses implement :meth:`task_importance` (or accumulate online) and may
-    narrow :meth:`anchored` (default: every trainable parameter).
+    Subclasses set :attr:`estimate` (or implement :meth:`task_importance`, e.g. to
+    accumulate online) and may narrow :meth:`anchored` (default: every trainable parameter).
     """
 
     Hparams = RegHparams
     replay = "none"
+    #: ``estimate(trainer, params, idx, batch_size)``: importance of ``params`` over the training
+    #: samples ``idx`` (:func:`fisher_diagonal`, :func:`output_sensitivity`), as a staticmethod
+    estimate: ClassVar[Callable[..., dict[str, torch.Tensor]] | None] = None
 
     def __init__(self, hp) -> None:
         super().__init__(hp)
@@ -179,7 +182,10 @@ class ParamRegularizer(Method):
         return terms
 
     def task_importance(self, task: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Importance of the anchored parameters for task ``task`` (:attr:`estimate` over its training samples)."""
+        if self.estimate is None:
+            raise NotImplementedError(f"{type(self).__name__}: set estimate or implement task_importance")
+        return self.estimate(self.trainer, self.anchored(), self.train_indices(task), self.hp.importance_batch_size)
 
     def after_task(self, task: int) -> None:
         new = self.task_importance(task)
