@@ -15,7 +15,11 @@ or :data:`IGNORE` (255). Two store formats are read:
 * binary masks (``binary-nearest/1``, synth): the semantic mask of a single-source
   clip is ``binary x (class id + 1)``: 0 background, ``class id + 1`` on the sounding
   object. This is the synth semantic equivalent; it needs no second render or
-  store, and a multi-label clip with a binary mask is refused (its class is ambiguous).
+  store, and a multi-label clip with a binary mask is refused (its class is ambiguous);
+* class maps (``synth-class-map-nearest/1``, a multi-source synth render,
+  ``avcl_core.synth.render(multi > 0)``): pixel value ``class id + 1`` on each
+  sounding object, 0 background, as the binary case's derivation but stored, so a
+  clip of two sounding objects labels each with its own class.
 
 A palette value whose class is not in the protocol is ignored (255).
 
@@ -74,6 +78,7 @@ BACKGROUND = "background"
 #: Channels of the pixel embedding the segmentation head's decoder emits for the classifier.
 PIXEL_DIM = 32
 PALETTE_FORMAT = "palette-nearest/1"
+CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
 
 
 def avss_iou_sums(pred, gt, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +202,9 @@ class SemanticProblem(SegmentationProblem):
             for c in range(min(254, lm.size)):
                 if lm[c] >= 0:
                     lut[c + 1] = out_index[lm[c]]
+        if fmt == CLASS_MAP_FORMAT:
+            palette = raw  # already class id + 1 per pixel (multi-source synth render)
+        elif fmt != PALETTE_FORMAT:
             labels = []
             for i, r in enumerate(fs.rows):
                 lab = fs.manifest.rows[r]["label"]
