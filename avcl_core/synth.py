@@ -41,7 +41,19 @@ Files under the output root ``out``:
 ``masks/<sample_id>.npz``
     array ``masks``: uint8 (T, size, size), 1 on the visible pixels of the
     sounding object in video frame ``t`` (frame ``t`` shows time ``t / fps``),
-    0 elsewhere (background and distractor).
+    0 elsewhere (background and distractor). In a multi-source render
+    (``render(multi > 0)``) the masks are class maps instead: ``class id + 1`` on
+    each sounding object's visible pixels.
+
+Multi-source renders (``multi``, the continual semantic segmentation benchmark of
+CMR): in a fraction ``multi`` of the clips (:func:`partner_of`) the distractor is
+replaced by a second *sounding* object of another class ``k`` whose look differs
+(visual identity more than one apart), the audio is the mixture of both classes'
+sounds and the manifest ``label`` is ``[i, k]``. Under a class-incremental
+semantic protocol such a clip belongs to the tasks of both classes, so an object
+of an old class appears, labelled background, in a new task's clips (background
+shift on a sounding object) and new classes co-occur with old ones. The other
+clips are those of the single-source render, byte for byte.
 ``manifest.jsonl``
     :class:`~avcl_core.manifest.Manifest` rows (dataset ``synth``; ``video`` and
     ``masks`` relative to ``out``; ``subset`` = :func:`render_tag`, so renders with
