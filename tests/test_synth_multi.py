@@ -85,3 +85,7 @@ def test_multi_render_extracts_class_maps_and_semantic_channels_follow_them(rend
         tasks = {t for t in range(tr.T) if j in tr.split_idx[by_id[fs.sample_ids[j]]["split"]][t]}
         want = {int(np.searchsorted(tr.offsets[1:], c + 1, side="right")) for c in (i, k)}
         assert tasks == want
+    # binary segmentation of the same store: the mask of every sounding object
+    seg = Trainer(fs, protocol_from_dict(synth.seg_protocols(6)[0]), build_method("finetune", {"epochs": 1}),
+                  head="atlas", head_config={"d_model": 16}, seed=0)
+    np.testing.assert_array_equal(seg.problem.masks_np, (raw != 0).astype(np.uint8))

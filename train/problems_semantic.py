@@ -68,7 +68,7 @@ from torch import nn
 
 from avcl_core import seg_metrics as S
 from avcl_core.cache import open_store
-from train.problems import Problem, SegmentationProblem
+from train.problems import CLASS_MAP_FORMAT, Problem, SegmentationProblem
 
 log = logging.getLogger("avcl.train")
 
@@ -78,7 +78,6 @@ BACKGROUND = "background"
 #: Channels of the pixel embedding the segmentation head's decoder emits for the classifier.
 PIXEL_DIM = 32
 PALETTE_FORMAT = "palette-nearest/1"
-CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
 
 
 def avss_iou_sums(pred, gt, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
