@@ -185,7 +185,9 @@ def _coverage(p: Protocol, manifest: Manifest) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed: the same seed gives the same files.")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: the CPUs available).")
 @click.option("--force", is_flag=True, help="Render again even if OUT already holds this exact render.")
-def synth(out, classes, clips_per_class, seed, workers, force) -> None:
+@click.option("--multi", type=float, default=0.0, show_default=True,
+              help="Fraction of clips with a second sounding object (class-map masks; synth-sem protocols).")
+def synth(out, classes, clips_per_class, seed, workers, force, multi) -> None:
     """Render the synthetic audio-visual dataset (mp4 clips, masks, manifest, protocols).
 
     \b
@@ -198,7 +200,7 @@ def synth(out, classes, clips_per_class, seed, workers, force) -> None:
 
     t0, wall0 = time.perf_counter(), time.time()
     try:
-        manifest_path = synth_mod.render(out, classes, clips_per_class, seed, workers, force=force)
+        manifest_path = synth_mod.render(out, classes, clips_per_class, seed, workers, force=force, multi=multi)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if manifest_path.stat().st_mtime < wall0 and not force:

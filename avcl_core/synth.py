@@ -41,7 +41,19 @@ Files under the output root ``out``:
 ``masks/<sample_id>.npz``
     array ``masks``: uint8 (T, size, size), 1 on the visible pixels of the
     sounding object in video frame ``t`` (frame ``t`` shows time ``t / fps``),
-    0 elsewhere (background and distractor).
+    0 elsewhere (background and distractor). In a multi-source render
+    (``render(multi > 0)``) the masks are class maps instead: ``class id + 1`` on
+    each sounding object's visible pixels.
+
+Multi-source renders (``multi``, the continual semantic segmentation benchmark of
+CMR): in a fraction ``multi`` of the clips (:func:`partner_of`) the distractor is
+replaced by a second *sounding* object of another class ``k`` whose look differs
+(visual identity more than one apart), the audio is the mixture of both classes'
+sounds and the manifest ``label`` is ``[i, k]``. Under a class-incremental
+semantic protocol such a clip belongs to the tasks of both classes, so an object
+of an old class appears, labelled background, in a new task's clips (background
+shift on a sounding object) and new classes co-occur with old ones. The other
+clips are those of the single-source render, byte for byte.
 ``manifest.jsonl``
     :class:`~avcl_core.manifest.Manifest` rows (dataset ``synth``; ``video`` and
     ``masks`` relative to ``out``; ``subset`` = :func:`render_tag`, so renders with
@@ -400,8 +412,15 @@ def _make_object(rng: np.random.Generator, vis: dict | None, centre: tuple[float
     )
 
 
-def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_frames: int, fps: float):
-    """uint8 frames (T, S, S, 3) and uint8 masks (T, S, S) of clip with class ``i``."""
+def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_frames: int, fps: float,
+                   partner: int | None = None, partner_rng: np.random.Generator | None = None):
+    """uint8 frames (T, S, S, 3) and uint8 masks (T, S, S) of clip with class ``i``.
+
+    Without ``partner``: masks are 1 on the sounding object, 0 elsewhere. With
+    ``partner`` (a second sounding class, :func:`render`'s ``multi``): the distractor is
+    replaced by ``partner``'s object (drawn from ``partner_rng``) and the masks are
+    class maps, ``i + 1`` on the visible pixels of ``i``'s object, ``partner + 1`` on
+    ``partner``'s, 0 elsewhere."""
     v = visual_id(i)
     # Trajectory centres on opposite sides so the two objects rarely overlap.
     side = rng.permutation([0.32, 0.68])
@@ -420,6 +439,10 @@ def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_
             dis_vis = None
         distractor = _make_object(rng, dis_vis, c_dis)
     object_on_top = rng.random() < 0.5
+    value = 1
+    if partner is not None:  # the second object sounds too; each object's pixels carry its class
+        distractor = _make_object(partner_rng, visual_identity(visual_id(partner)), c_dis)
+        value = i + 1
 
     # Background: low-saturation tinted vertical gradient, fresh pixel noise per frame.
     base = rng.uniform(0.12, 0.35)
@@ -435,15 +458,14 @@ def _render_frames(rng: np.random.Generator, i: int, classes: int, size: int, n_
         ts = t / fps
         img = bg.copy()
         a_obj, rgb_obj = _draw(obj, ts, xx, yy, size)
-        layers = [(a_obj, rgb_obj, True)]
+        layers = [(a_obj, rgb_obj, value)]
         if distractor is not None:
             a_dis, rgb_dis = _draw(distractor, ts, xx, yy, size)
-            layers.insert(0 if object_on_top else 1, (a_dis, rgb_dis, False))
-        visible = np.zeros((size, size), bool)
-        for alpha, rgb, sounding in layers:  # back to front; the mask keeps what stays visible
+            layers.insert(0 if object_on_top else 1, (a_dis, rgb_dis, 0 if partner is None else partner + 1))
+        visible = np.zeros((size, size), np.uint8)
+        for alpha, rgb, label in layers:  # back to front; the mask keeps what stays visible
             img = img * (1 - alpha[..., None]) + rgb * alpha[..., None]
-            inside = alpha >= 0.5
-            visible = inside if sounding else (visible & ~inside)
+            visible = np.where(alpha >= 0.5, np.uint8(label), visible)
         img += rng.normal(0.0, 0.025, size=img.shape)
         frames[t] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
         masks[t] = visible
@@ -574,20 +596,55 @@ def _write_masks(path: Path, masks: np.ndarray) -> None:
 GENERATOR_VERSION = 1
 
 
-def render_tag(classes: int, seed: int, size: int, seconds: float, fps: float, audio_rate: int) -> str:
+def render_tag(classes: int, seed: int, size: int, seconds: float, fps: float, audio_rate: int,
+               multi: float = 0.0) -> str:
     """The manifest rows' ``subset``: the generator version and every render parameter that
     changes a clip's content, so that manifests (and the feature-cache keys built on their
-    hash) differ with them."""
-    return f"v{GENERATOR_VERSION},classes={classes},seed={seed},size={size},seconds={seconds:g},fps={fps:g},audio_rate={audio_rate}"
+    hash) differ with them. ``multi`` appears only when it is not 0 (the single-source
+    render's tag predates it)."""
+    tag = f"v{GENERATOR_VERSION},classes={classes},seed={seed},size={size},seconds={seconds:g},fps={fps:g},audio_rate={audio_rate}"
+    return tag + (f",multi={multi:g}" if multi else "")
+
+
+def multi_of(subset: str | None) -> float:
+    """The ``multi`` fraction of a render tag (0 for a single-source render or no tag)."""
+    for part in str(subset or "").split(","):
+        if part.startswith("multi="):
+            return float(part[len("multi="):])
+    return 0.0
+
+
+def partner_of(i: int, j: int, classes: int, seed: int, multi: float) -> int | None:
+    """The second sounding class of clip ``j`` of class ``i`` in a render with ``multi``, or None.
+
+    Drawn from ``default_rng([seed, i, j, 1])`` (a stream of its own, so the clips
+    without a partner are the single-source render's clips, byte for byte): with
+    probability ``multi``, a class ``k`` uniformly among those whose visual identity
+    differs from ``i``'s by more than one (:func:`_render_frames`' distractor rule, so
+    the two objects never look alike); None when no class qualifies."""
+    if multi <= 0:
+        return None
+    prng = np.random.default_rng([seed, i, j, 1])
+    if prng.random() >= multi:
+        return None
+    pool = [k for k in range(classes) if abs(visual_id(k) - visual_id(i)) > 1]
+    return int(pool[int(prng.integers(len(pool)))]) if pool else None
 
 
 def _render_clip(job: tuple) -> dict:
-    out, i, j, classes, clips_per_class, seed, size, seconds, fps, rate = job
+    out, i, j, classes, clips_per_class, seed, size, seconds, fps, rate, multi = job
     out = Path(out)
     rng = np.random.default_rng([seed, i, j])
     n_frames = max(1, round(seconds * fps))
-    frames, masks = _render_frames(rng, i, classes, size, n_frames, fps)
+    k = partner_of(i, j, classes, seed, multi)
+    prng = np.random.default_rng([seed, i, j, 2])
+    frames, masks = _render_frames(rng, i, classes, size, n_frames, fps, partner=k, partner_rng=prng)
     audio = _render_audio(rng, i, rate, round(seconds * rate))
+    if k is not None:  # the mixture of both sounds, the partner 0.6-1.0 times as loud
+        audio = audio + prng.uniform(0.6, 1.0) * _render_audio(prng, k, rate, audio.size)
+        audio = (audio * (prng.uniform(0.3, 0.6) / (np.max(np.abs(audio)) + 1e-9))).astype(np.float32)
+    elif multi:  # masks of a multi render are class maps: class id + 1 on the sounding object
+        masks = masks * np.uint8(i + 1)
     sid, name = sample_id(i, j), class_name(i)
     video = Path("videos") / name / f"{sid}.mp4"
     mask = Path("masks") / f"{sid}.npz"
@@ -597,11 +654,11 @@ def _render_clip(job: tuple) -> dict:
         "sample_id": sid,
         "dataset": DATASET,
         "split": split_of(j, clips_per_class),
-        "label": i,
-        "class_name": name,
+        "label": i if k is None else [i, k],
+        "class_name": name if k is None else f"{name};{class_name(k)}",
         "video": video.as_posix(),
         "masks": mask.as_posix(),
-        "subset": render_tag(classes, seed, size, seconds, fps, rate),
+        "subset": render_tag(classes, seed, size, seconds, fps, rate, multi),
     }
 
 
@@ -636,6 +693,7 @@ def render(
     fps: float = 8,
     audio_rate: int = 16000,
     force: bool = False,
+    multi: float = 0.0,
 ) -> Path:
     """Render the synth dataset into ``out_dir``; returns the manifest path.
 
@@ -646,6 +704,13 @@ def render(
     pixels at ``fps`` frames/s, audio at ``audio_rate`` Hz; ``workers`` processes
     (``None`` = the CPUs available, 1 = in this process). Existing files of the same
     names are overwritten. See the module docstring for the files written.
+
+    ``multi`` (default 0: the single-source dataset) is the probability that a clip
+    has a second sounding object (:func:`partner_of`): its distractor is replaced by
+    the partner class's object, its audio is the mixture of both classes' sounds, its
+    manifest ``label`` is ``[i, k]``, and the masks of every clip of the render are
+    class maps (``class id + 1`` on each sounding object, 0 elsewhere) instead of
+    binary masks; ``multi`` joins the render tag.
 
     Worker processes are spawned, so a script calling this with ``workers != 1``
     must guard its entry point (``if __name__ == "__main__":``).
@@ -661,6 +726,11 @@ def render(
         raise ValueError(
             f"synth: need seconds > 0, fps > 0, audio_rate >= 8000; got {seconds}, {fps}, {audio_rate}"
         )
+    if not 0.0 <= multi <= 1.0:
+        raise ValueError(f"synth: multi must lie in [0, 1], got {multi}")
+    if multi and classes > 254:
+        raise ValueError(f"synth: a render with multi > 0 stores class id + 1 in uint8 masks, so at most 254 "
+                         f"classes; got {classes}")
     out = Path(out_dir)
     info = {
         "dataset": DATASET,
@@ -676,13 +746,17 @@ def render(
         "masks": "masks/<sample_id>.npz, array 'masks' uint8 (frames, size, size)",
         "class_table": class_table(classes),
     }
+    if multi:
+        info["multi"] = float(multi)
+        info["masks"] = "masks/<sample_id>.npz, array 'masks' uint8 (frames, size, size): class id + 1, 0 background"
     if not force and _already_rendered(out, info):
         return out / "manifest.jsonl"
     for i in range(classes):
         (out / "videos" / class_name(i)).mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     jobs = [
-        (str(out), i, j, classes, clips_per_class, int(seed), int(size), float(seconds), float(fps), int(audio_rate))
+        (str(out), i, j, classes, clips_per_class, int(seed), int(size), float(seconds), float(fps), int(audio_rate),
+         float(multi))
         for i in range(classes)
         for j in range(clips_per_class)
     ]

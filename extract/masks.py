@@ -13,7 +13,8 @@ are used here, so masks and features always describe the same picture):
 
 * ``synth``: ``masks/<id>.npz`` holds one mask per video frame, frame ``i`` shown
   from ``i / fps`` (``fps`` from the row's render tag ``subset``); every sampled
-  frame has ground truth.
+  frame has ground truth. A multi-source render (``multi=`` in the tag) stores
+  class maps, kept as class maps (:data:`CLASS_MAP_FORMAT`).
 * AVSBench S4 / MS3 (image folders): the frame images ``…_<k>.png`` (the row's
   ``frames`` glob, natural name order, as decoded) and the masks ``…_<k>.png`` (the row's
   ``masks`` glob) are paired by their trailing number ``k``. A sampled frame whose
@@ -43,6 +44,9 @@ from extract.encoders.base import Preprocess
 SEG_DATASETS = ("avsbench-s4", "avsbench-ms3", "synth")
 DEFAULT_MASK_SIZE = 224
 MASK_FORMAT = "binary-nearest/1"
+#: Class maps of a multi-source synth render (``avcl_core.synth.render(multi > 0)``): ``class id + 1`` on
+#: each sounding object, 0 elsewhere, kept as they are (not binarised) and resized nearest-neighbour.
+CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
 _NUMBER = re.compile(r"(\d+)$")
 
 
@@ -95,6 +99,13 @@ def _load_npz(path: Path, sid: str) -> np.ndarray:
     return arr
 
 
+def _synth_multi(row: dict) -> bool:
+    """Whether a synth row comes from a multi-source render (``multi=`` in its render tag)."""
+    from avcl_core.synth import multi_of
+
+    return multi_of(row.get("subset")) > 0
+
+
 def default_mask_size(row: dict) -> int:
     """The store default for a row's dataset: synth's render size (``size=`` of its render
     tag), else :data:`DEFAULT_MASK_SIZE`."""
@@ -121,8 +132,13 @@ def mask_spec_for(manifest, preprocess: Preprocess, dataset: str | None = None,
     size = int(mask_size) if mask_size else default_mask_size(first)
     if size < 1:
         raise MaskError(f"mask_size must be >= 1, got {size}")
-    return MaskSpec(size=size, frames=preprocess.num_frames,
-                    format=PALETTE_FORMAT if dataset in SEMANTIC_DATASETS else MASK_FORMAT)
+    if dataset in SEMANTIC_DATASETS:
+        fmt = PALETTE_FORMAT
+    elif dataset == "synth" and _synth_multi(first):
+        fmt = CLASS_MAP_FORMAT
+    else:
+        fmt = MASK_FORMAT
+    return MaskSpec(size=size, frames=preprocess.num_frames, format=fmt)
 
 
 def _resize_nearest(m: np.ndarray, size: int) -> np.ndarray:
@@ -208,8 +224,9 @@ def read_masks(row: dict, root, spec: MaskSpec, preprocess: Preprocess) -> tuple
         fps = _synth_fps(row)
         starts = np.arange(arr.shape[0]) / fps
         idx = frame_indices(times, starts, min(limit_end, arr.shape[0] / fps))
+        class_map = spec.format == CLASS_MAP_FORMAT
         for k, i in enumerate(idx.tolist()):
-            masks[k] = _resize_nearest((arr[i] != 0).astype(np.uint8), S)
+            masks[k] = _resize_nearest(arr[i].astype(np.uint8) if class_map else (arr[i] != 0).astype(np.uint8), S)
         valid[:] = 1
         return masks, valid
     return _image_folder_masks(row, root, src, masks, valid, times, start, end, limit_end, _read_png)

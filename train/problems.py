@@ -30,6 +30,9 @@ from avcl_core.cache import open_store
 if TYPE_CHECKING:  # pragma: no cover
     from train.trainer import Trainer
 
+#: Mask format of a multi-source synth store (``extract.masks.CLASS_MAP_FORMAT``): class id + 1 per object.
+CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
+
 log = logging.getLogger("avcl.train")
 
 SEG_METRICS = ("map", "maxf1", "fscore", "miou", "dice")
@@ -172,6 +175,8 @@ class SegmentationProblem(Problem):
         valid = store.read("mask_valid")[rows]
         if masks.shape[1] != frames:
             raise TrainError(f"{store.path}: masks have {masks.shape[1]} frames, the visual stream {frames}")
+        if self.kind == "segmentation" and (store.key_material.get("masks") or {}).get("format") == CLASS_MAP_FORMAT:
+            masks = (masks != 0).astype(np.uint8)  # a multi-source synth render: every sounding object
         self.masks_np = np.ascontiguousarray(masks)  # host copy for the metrics (shares memory on CPU)
         self.masks = torch.from_numpy(self.masks_np).to(tr.device)
         self.valid = torch.from_numpy(np.ascontiguousarray(valid) != 0).to(tr.device)

@@ -15,7 +15,11 @@ or :data:`IGNORE` (255). Two store formats are read:
 * binary masks (``binary-nearest/1``, synth): the semantic mask of a single-source
   clip is ``binary x (class id + 1)``: 0 background, ``class id + 1`` on the sounding
   object. This is the synth semantic equivalent; it needs no second render or
-  store, and a multi-label clip with a binary mask is refused (its class is ambiguous).
+  store, and a multi-label clip with a binary mask is refused (its class is ambiguous);
+* class maps (``synth-class-map-nearest/1``, a multi-source synth render,
+  ``avcl_core.synth.render(multi > 0)``): pixel value ``class id + 1`` on each
+  sounding object, 0 background, as the binary case's derivation but stored, so a
+  clip of two sounding objects labels each with its own class.
 
 A palette value whose class is not in the protocol is ignored (255).
 
@@ -64,7 +68,7 @@ from torch import nn
 
 from avcl_core import seg_metrics as S
 from avcl_core.cache import open_store
-from train.problems import Problem, SegmentationProblem
+from train.problems import CLASS_MAP_FORMAT, Problem, SegmentationProblem
 
 log = logging.getLogger("avcl.train")
 
@@ -77,7 +81,8 @@ PALETTE_FORMAT = "palette-nearest/1"
 
 
 def avss_iou_sums(pred, gt, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """AVSBench-semantic per-frame class IoU, summed over frames.
+    """AVSBench-semantic per-frame class IoU, summed over frames: ``(S_c, count_c)`` of
+    :class:`avcl_core.seg_metrics.AVSSAccumulator` (the one definition of the AVSS metric).
 
     ``pred`` and ``gt`` are (N, H, W) integer label maps (N frames). For every frame
     and class ``c``: ``IoU_c = |pred = c and gt = c| / |pred = c or gt = c|`` when the
@@ -88,24 +93,12 @@ def avss_iou_sums(pred, gt, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     there still counts. The official mIoU is ``mean_c(sum_c / count_c)`` with 0 for
     count 0 (:func:`avss_miou_from_sums`).
     """
-    p = np.asarray(pred).astype(np.int64)
-    g = np.asarray(gt).astype(np.int64)
+    p, g = np.asarray(pred), np.asarray(gt)
     if p.shape != g.shape or p.ndim != 3:
         raise ValueError(f"avss_iou_sums: prediction {p.shape} and ground truth {g.shape} must both be (N, H, W)")
-    C = int(num_classes)
-    n = p.shape[0]
-    frame = np.repeat(np.arange(n), p.shape[1] * p.shape[2])
-    pf, gf = p.ravel(), g.ravel()
-    pk = (pf >= 0) & (pf < C)
-    gk = (gf >= 0) & (gf < C)
-    area_p = np.bincount(frame[pk] * C + pf[pk], minlength=n * C).reshape(n, C)
-    area_g = np.bincount(frame[gk] * C + gf[gk], minlength=n * C).reshape(n, C)
-    hit = pk & gk & (pf == gf)
-    inter = np.bincount(frame[hit] * C + pf[hit], minlength=n * C).reshape(n, C)
-    union = area_p + area_g - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    return iou.sum(axis=0), (union > 0).sum(axis=0).astype(np.int64)
+    acc = S.AVSSAccumulator(num_classes)
+    acc.update(p, g)
+    return acc.iou_sum, acc.count
 
 
 def avss_miou_from_sums(sums: np.ndarray, counts: np.ndarray, classes=None) -> float:
@@ -208,6 +201,9 @@ class SemanticProblem(SegmentationProblem):
             for c in range(min(254, lm.size)):
                 if lm[c] >= 0:
                     lut[c + 1] = out_index[lm[c]]
+        if fmt == CLASS_MAP_FORMAT:
+            palette = raw  # already class id + 1 per pixel (multi-source synth render)
+        elif fmt != PALETTE_FORMAT:
             labels = []
             for i, r in enumerate(fs.rows):
                 lab = fs.manifest.rows[r]["label"]

@@ -2,35 +2,51 @@
 Modality Entanglement in Continual Audio-Visual Segmentation", arXiv 2510.17234), on cached features.
 
 CMR's text and code were not available; it is known from a summary (seed 003), so
-every detail below that the summary leaves open is a choice of this implementation.
+every detail below that the summary leaves open is a choice of this implementation
+(marked OPEN).
 
 Training: PLOP's losses (:class:`~train.methods.plop.PLOPLosses`: pseudo-labels,
 adaptive cross-entropy, Local POD on the trainable features) on the current task's
-clips joined by the rehearsal buffer (``replay = mixed``). Memory: the protocol's
-budget, 5 clips per class (``memory_per_class``); background is not a class to
-remember. Memory clips carry the labels of every class seen so far
-(:mod:`train.problems_semantic`; OPEN).
+clips joined by the rehearsal buffer (``replay = mixed``; "PLOP-based" in the
+summary). Memory: the protocol's budget, 5 clips per class (``memory_per_class``;
+the summary's k); background is not a class to remember. A clip of several
+sounding objects is a candidate of each of its classes. Memory clips carry the
+labels of every class seen so far, future ones as background
+(:mod:`train.problems_semantic`; OPEN: labels of memory samples under background
+shift).
 
-**MSS** (``mss``), after each task, for each of its classes: a *visual-only* model (the
-same head and classifier, trained from scratch on the task's training clips with
+**MSS** (``mss``), after each task, for each of its classes: a *visual-only* model (OPEN:
+the same head and classifier, trained from scratch on the task's training clips with
 the audio stream set to zeros, ``mss_epochs`` epochs, the task's hyper-parameters
-otherwise) and the task's final audio-visual model segment each candidate clip (the
-task's training clips whose labels include the class); per clip
-``delta = mIoU_AV - mIoU_V``, the mIoU of that clip's frames with ground truth against
-its training labels (confusion matrix of the clip, classes present in labels or
-prediction); the ``k`` clips with the smallest ``|delta|`` are kept
-(:func:`train.memory.mss_select`). Without ``mss``: the trainer's random choice.
+otherwise; cheap because features are cached) and the task's final audio-visual
+model segment each candidate clip (the task's training clips whose labels include
+the class); per clip ``delta = mIoU_AV - mIoU_V`` (OPEN granularity: the mIoU of
+that clip's frames with ground truth against its training labels, one confusion
+matrix per clip over the classes present in labels or prediction); the ``k`` clips
+with the smallest ``|delta|`` are kept (:func:`train.memory.mss_select`). Without
+``mss``: the trainer's random choice among the same candidates.
 
 **CSR** (``csr``), before each later task: the frozen previous model segments the new
-task's training clips; a *collision* of old class ``c`` is a frame in which it
-predicts ``c`` on a pixel whose current label is something else (background or
-a new class; the current labels are the only ones available at that step). The
-per-class counts ``F_c`` are normalised to proportions ``F'_c = F_c / sum F`` (the
-summary mentions a sigmoid; unverified, not used), and ``csr_fraction`` = 20 % of
-the buffer is resampled in proportion to ``F'`` (:func:`train.memory.csr_resample`);
-that buffer joins the task's clips. The kept memory itself is not changed.
-Without ``csr``: the buffer as it is. ``mss=false, csr=false`` is PLOP with random
-rehearsal of the same memory.
+task's training clips; a *collision* of old class ``c`` (OPEN definition) is a frame
+in which it predicts ``c`` on a pixel whose current label is something else
+(background or a new class; the current labels are the only ones available at that
+step): an old sounding object that the new task labels background (the summary's
+"multi-modal semantic drift") or an old class confused with a new one
+("co-occurrence confusion"). Counted per frame, not per pixel, so large objects do
+not dominate. The per-class counts ``F_c`` are normalised to proportions
+``F'_c = F_c / sum F`` (OPEN: the summary's check-list mentions a sigmoid,
+unverified, not used), and ``csr_fraction`` = 20 % of the buffer is resampled in
+proportion to ``F'`` (:func:`train.memory.csr_resample`; OPEN reading of
+"resampling": that many buffer entries, drawn uniformly, are replaced by draws of a
+class ``~ F'`` and then one of its exemplars, so colliding classes are rehearsed
+more often), once per task; that buffer joins the task's clips. The kept memory
+itself is not changed. Without ``csr``: the buffer as it is. ``mss=false,
+csr=false`` is PLOP with random rehearsal of the same memory.
+
+On the multi-source synth render (``avcl_core.synth.render(multi=0.5)``), probes on
+its *val* clips (test clips unused) compared these choices with random rehearsal
+and the ablations ``mss=false`` / ``csr=false`` and kept them unchanged; what they
+changed is the benchmark's training length (``tests/test_cmr_slow.py``).
 """
 from __future__ import annotations
 
