@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_train_scale import ave_shaped  # noqa: E402
-from results import record_section  # noqa: E402
+from results import publish  # noqa: E402
 
 SECTION = "## a whole AVE-CI-sized lll run"
 BEFORE_MIN = 80.0  # the measurement of the same run before the speed-ups (2 CPU cores)
@@ -88,12 +88,7 @@ def main(argv=None) -> str:
         f"{100 * metrics['last_accuracy']:.1f} % |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        record_section(text)
-    return text
-
+    return publish(lines, args.write)
 
 if __name__ == "__main__":
     main()
