@@ -90,5 +90,6 @@ def main(argv=None) -> str:
     ]
     return publish(lines, args.write)
 
+
 if __name__ == "__main__":
     main()
