@@ -327,18 +327,9 @@ class SegmentationProblem(Problem):
     def probabilities(self, idx: np.ndarray, batch_size: int = 16):
         """Yield (FeatureSet indices (b,), probabilities float32 (b, F, H, W) numpy) of the current model."""
         tr = self.trainer
-        model = tr.model
-        was = model.training
-        model.eval()
-        idx_t = torch.as_tensor(idx, dtype=torch.long, device=tr.device)
-        try:
-            for s in range(0, idx_t.numel(), batch_size):
-                i = idx_t[s: s + batch_size]
-                out = model(tr.fs.batch(i, tr._head_streams))
-                prob = torch.sigmoid(self.select_channel(out["mask_logits"], tr.task_of.index_select(0, i)))
-                yield i.cpu().numpy(), prob.float().cpu().numpy()
-        finally:
-            model.train(was)
+        for i, _, out in tr.eval_batches(idx, batch_size=batch_size):
+            prob = torch.sigmoid(self.select_channel(out["mask_logits"], tr.task_of.index_select(0, i)))
+            yield i.cpu().numpy(), prob.float().cpu().numpy()
 
     def _task_sums(self, idx: np.ndarray) -> dict:
         """Pooled sums of every metric over the clips ``idx``."""

@@ -311,18 +311,8 @@ class SemanticProblem(SegmentationProblem):
     @torch.no_grad()
     def predictions(self, idx: np.ndarray, batch_size: int = 8, model: nn.Module | None = None):
         """Yield (FeatureSet indices (b,), predicted channel maps (b, F, H, W) int64 numpy)."""
-        tr = self.trainer
-        model = model if model is not None else tr.model
-        was = model.training
-        model.eval()
-        idx_t = torch.as_tensor(idx, dtype=torch.long, device=tr.device)
-        try:
-            for s in range(0, idx_t.numel(), batch_size):
-                i = idx_t[s: s + batch_size]
-                out = model(tr.fs.batch(i, tr._head_streams))
-                yield i.cpu().numpy(), out["mask_logits"].argmax(2).cpu().numpy()
-        finally:
-            model.train(was)
+        for i, _, out in self.trainer.eval_batches(idx, model, batch_size):
+            yield i.cpu().numpy(), out["mask_logits"].argmax(2).cpu().numpy()
 
     def accumulate(self, idx: np.ndarray, n_seen: int, n_total: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(confusion matrix (C, C), AVSS IoU sums (C,), counts (C,)) over the frames with ground truth

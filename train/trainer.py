@@ -308,17 +308,32 @@ class Trainer:
         pos = self._teacher_pos[idx]
         return {k: v[pos] for k, v in self._teacher.items()}
 
-    @torch.no_grad()
-    def _outputs(self, model: CILModel, idx: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+    def eval_batches(self, idx: np.ndarray | torch.Tensor, model: nn.Module | None = None,
+                     batch_size: int | None = None):
+        """Yield (FeatureSet indices (b,) on the device, head inputs, outputs of ``model``) over ``idx`` in batches of
+        ``batch_size`` (default ``eval_batch_size``), with ``model`` (default the current one) in eval mode
+        and no gradients; the model's train/eval mode is restored afterwards."""
+        model = self.model if model is None else model
+        bs = self.eval_batch_size if batch_size is None else int(batch_size)
         was = model.training
         model.eval()
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        idx_t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        try:
+            for s in range(0, idx_t.numel(), bs):
+                i = idx_t[s: s + bs]
+                x = self.fs.batch(i, self._head_streams)
+                with torch.no_grad():
+                    out = model(x)
+                yield i, x, out
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def _outputs(self, model: CILModel, idx: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {"feature": [], "logits": []}
-        for s in range(0, idx.numel(), self.eval_batch_size):
-            out = model(self.fs.batch(idx[s: s + self.eval_batch_size], self._head_streams))
+        for _, _, out in self.eval_batches(idx, model):
             for k in parts:
                 parts[k].append(out[k])
-        model.train(was)
         dim = model.head.out_dim
         return {k: torch.cat(v) if v else torch.zeros(0, dim if k == "feature" else model.classifier.n_classes,
                                                       device=self.device) for k, v in parts.items()}
@@ -512,15 +527,9 @@ class Trainer:
     @torch.no_grad()
     def predict(self, idx: np.ndarray) -> np.ndarray:
         """Predicted output class of FeatureSet indices ``idx`` with the current model (int64 array)."""
-        model = self.model
-        was = model.training
-        model.eval()
-        idx_t = torch.as_tensor(idx, dtype=torch.long, device=self.device)
         preds = []
-        for s in range(0, idx_t.numel(), self.eval_batch_size):
-            i = idx_t[s: s + self.eval_batch_size]
-            batch = {"idx": i, "x": self.fs.batch(i, self._head_streams), "y": self.y[i]}
-            out = model(batch["x"])
+        for i, x, out in self.eval_batches(idx):
+            batch = {"idx": i, "x": x, "y": self.y[i]}
             scores = self.method.predict(batch, out)
             if self.protocol.setting == "TIL":
                 off = torch.as_tensor(self.offsets, device=self.device)
@@ -529,7 +538,6 @@ class Trainer:
                 inside = (units[None] >= off[task][:, None]) & (units[None] < off[task + 1][:, None])
                 scores = scores.masked_fill(~inside, float("-inf"))
             preds.append(scores.argmax(dim=1))
-        model.train(was)
         return torch.cat(preds).cpu().numpy() if preds else np.zeros(0, dtype=np.int64)
 
     def evaluate(self) -> tuple[np.ndarray, float]:
