@@ -217,10 +217,15 @@ def _provenance(classes: int, t: int, k: int) -> str:
 def write_protocols(directory: str | Path, classes: int) -> list[Path]:
     """Write every protocol of :func:`protocols` as ``<directory>/<name>.json``, in the
     layout of :func:`avcl_core.protocols.save_protocol` (the shipped files' layout)."""
+    return _save_protocols(directory, protocols(classes))
+
+
+def _save_protocols(directory: str | Path, dicts: list[dict]) -> list[Path]:
+    """Save each protocol dict as ``<directory>/<name>.json`` (:func:`avcl_core.protocols.save_protocol`)."""
     from avcl_core.protocols import protocol_from_dict, save_protocol
 
     directory = Path(directory)
-    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in protocols(classes)]
+    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in dicts]
 
 
 #: Chunks of the task-free segmentation stream of :func:`seg_protocols`.
@@ -276,10 +281,7 @@ def seg_protocols(classes: int) -> list[dict]:
 
 def write_seg_protocols(directory: str | Path, classes: int) -> list[Path]:
     """Write every protocol of :func:`seg_protocols` as ``<directory>/<name>.json`` (shipped files' layout)."""
-    from avcl_core.protocols import protocol_from_dict, save_protocol
-
-    directory = Path(directory)
-    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in seg_protocols(classes)]
+    return _save_protocols(directory, seg_protocols(classes))
 
 
 # -- splits -------------------------------------------------------------------------
@@ -822,7 +824,4 @@ def sem_protocols(classes: int) -> list[dict]:
 
 def write_sem_protocols(directory: str | Path, classes: int) -> list[Path]:
     """Write every protocol of :func:`sem_protocols` as ``<directory>/<name>.json``."""
-    from avcl_core.protocols import protocol_from_dict, save_protocol
-
-    directory = Path(directory)
-    return [save_protocol(protocol_from_dict(p), directory / f"{p['name']}.json") for p in sem_protocols(classes)]
+    return _save_protocols(directory, sem_protocols(classes))
