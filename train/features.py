@@ -13,11 +13,12 @@ bytes, nothing is loaded up front. The usable rows are cut into *blocks* of
 ``block_rows`` consecutive FeatureSet indices (the primary store's rows per
 inner chunk, its unit of decoding: a block is read whole, so smaller blocks
 waste less on rows an epoch does not use and let more of them stay resident
-between epochs; blocks align with the chunks while every row is usable), and :meth:`FeatureSet.batch` reads the blocks it needs, keeping at most
-``budget // block bytes`` of them (least recently used out) while a background
-thread reads ahead the blocks the epoch will use next. Random batches over the
-whole set would read every block for every batch, so a streamed set shuffles
-within windows (:meth:`FeatureSet.epoch_order`): the blocks are shuffled, taken
+between epochs; blocks align with the chunks while every row is usable), and
+:meth:`FeatureSet.batch` reads the blocks it needs, keeping at most ``budget //
+block bytes`` of them (least recently used out) while a background thread reads
+ahead the blocks the epoch will use next. Random batches over the whole set
+would read every block for every batch, so a streamed set shuffles within
+windows (:meth:`FeatureSet.epoch_order`): the blocks are shuffled, taken
 ``shuffle_blocks`` at a time, and the rows of each window are shuffled; the
 window is half the blocks that fit in the budget (the other half is the read
 ahead). The same order is used by an in-memory set given the same
@@ -261,6 +262,12 @@ def _shard_rows(store: FeatureStore) -> int:
 def _chunk_rows(store: FeatureStore) -> int:
     """Rows per inner chunk of ``store`` (the unit of decoding; the shard when the store does not say)."""
     return int(store.attrs.get("rows_per_chunk") or _shard_rows(store))
+
+
+def default_block_rows(primary: FeatureStore, n: int) -> int:
+    """Rows per streamed block of a set of ``n`` rows whose primary store is ``primary``: its rows per
+    inner chunk (at most ``n``, at least 1)."""
+    return max(1, min(n, _chunk_rows(primary)))
 
 
 def _join(path: str, name: str) -> str:
@@ -641,7 +648,7 @@ class FeatureSet:
                  for i, st in enumerate(stores)]
         class_ids = first_labels(manifest)[keep]
         n = int(keep.size)
-        block_rows = int(block_rows or min(n, _chunk_rows(primary)))
+        block_rows = int(block_rows or default_block_rows(primary, n))
         budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget(device)
         streamer = BlockStreamer(sources, n, block_rows, capacity=2)
         need = n * streamer.block_bytes() // block_rows
