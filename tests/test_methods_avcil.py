@@ -124,7 +124,9 @@ def test_avcil_trains_from_a_streamed_feature_set_as_from_a_resident_one(tmp_pat
     resident = FeatureSet.from_stores([t.store], shuffle_blocks=1, block_rows=8)
     row = (4 * 8 + 6 * 12) * 2  # float16 audio (4, 8) + visual (6, 12)
     plan = check_dense_memory([t.store], None, available=1 << 30, feature_memory=2 * 8 * row)
-    assert plan.streamed and plan.total == len(resident) * row and plan.block_rows == 8
+    default = FeatureSet.from_stores([t.store], memory_budget=2 * 8 * row)  # the block the set streams by default
+    assert plan.streamed and plan.total == len(resident) * row and plan.block_rows == default.block_rows
+    default.streamer.close()
     streamed = FeatureSet.from_stores([t.store], memory_budget=2 * 8 * row, block_rows=8)
     assert streamed.streamed and streamed.shuffle_blocks == 1
     res = []

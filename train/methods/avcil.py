@@ -195,10 +195,11 @@ def dense_stream_bytes(stores, streams: dict[str, str] | None) -> tuple[dict[str
     Rows are those of the primary (first) store with status ok (the set drops the
     rest; a sample missing from another store is counted, so this is an upper
     bound); each row is (T, D) in the resident dtype (float16 stores: 2 bytes a
-    value, others 4). A block is the primary store's rows per shard.
+    value, others 4). A block is what the FeatureSet streams by default
+    (:func:`train.features.default_block_rows`: the primary store's rows per inner chunk).
     """
     from avcl_core.cache import STATUS_OK, open_store
-    from train.features import DEFAULT_STREAMS, _normalised_dims, _resident_dtype
+    from train.features import DEFAULT_STREAMS, _normalised_dims, _resident_dtype, default_block_rows
 
     wanted = {**DEFAULT_STREAMS, **dict(streams or {})}
     opened = [open_store(s) if isinstance(s, str) else s for s in stores]
@@ -212,7 +213,7 @@ def dense_stream_bytes(stores, streams: dict[str, str] | None) -> tuple[dict[str
                 item = 2 if _resident_dtype(arr.dtype) == torch.float16 else 4
                 out[f"{name}={stream} ({st.path})"] = rows * t * d * item
                 break
-    return out, rows, int(min(rows, opened[0].rows_per_shard)) or 1
+    return out, rows, default_block_rows(opened[0], rows)
 
 
 class DenseMemoryError(OptionError):
