@@ -65,6 +65,15 @@ SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.jsonl"
 #: The manifest fields the features of a row depend on (:func:`content_hash`).
 CONTENT_FIELDS = ("sample_id", "video", "start", "end", "frames", "masks", "audio")
+# Formats of the ``masks`` extra (its ``format`` in the key material), written by :mod:`extract.masks`
+# and read by the training problems.
+#: Binary masks of the sounding object(s): 1 inside, 0 elsewhere; resized nearest-neighbour.
+MASK_FORMAT = "binary-nearest/1"
+#: Class maps of a multi-source synth render (``avcl_core.synth.render(multi > 0)``): ``class id + 1`` on
+#: each sounding object, 0 elsewhere, kept as they are (not binarised) and resized nearest-neighbour.
+CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
+#: Palette-index semantic masks (AVSS): 0 background, 1..K classes, 255 ignore; resized nearest-neighbour.
+PALETTE_FORMAT = "palette-nearest/1"
 # The store directory also holds `_shards/` and `manifest.jsonl`, which zarr does not know.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 TARGET_SHARD_BYTES = 24 << 20

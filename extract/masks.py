@@ -38,15 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from avcl_core.cache import CLASS_MAP_FORMAT, MASK_FORMAT, PALETTE_FORMAT
 from extract.encoders.base import Preprocess
 
 #: Datasets whose stores carry ``masks`` / ``mask_valid`` arrays.
 SEG_DATASETS = ("avsbench-s4", "avsbench-ms3", "synth")
 DEFAULT_MASK_SIZE = 224
-MASK_FORMAT = "binary-nearest/1"
-#: Class maps of a multi-source synth render (``avcl_core.synth.render(multi > 0)``): ``class id + 1`` on
-#: each sounding object, 0 elsewhere, kept as they are (not binarised) and resized nearest-neighbour.
-CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
 _NUMBER = re.compile(r"(\d+)$")
 
 
@@ -270,7 +267,6 @@ def spec_of_store(store) -> MaskSpec | None:
 # -- semantic (palette-index) masks ----------------------------------------------------------
 #: Datasets whose stores carry palette-index semantic masks (format :data:`PALETTE_FORMAT`).
 SEMANTIC_DATASETS = ("avss",)
-PALETTE_FORMAT = "palette-nearest/1"
 #: Palette index of pixels that are not any class (unknown colour, or the dataset's own ignore value).
 PALETTE_IGNORE = 255
 

@@ -25,13 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from avcl_core import seg_metrics as S
-from avcl_core.cache import open_store
+from avcl_core.cache import CLASS_MAP_FORMAT, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from train.trainer import Trainer
-
-#: Mask format of a multi-source synth store (``extract.masks.CLASS_MAP_FORMAT``): class id + 1 per object.
-CLASS_MAP_FORMAT = "synth-class-map-nearest/1"
 
 log = logging.getLogger("avcl.train")
 

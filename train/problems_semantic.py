@@ -67,8 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from avcl_core import seg_metrics as S
-from avcl_core.cache import open_store
-from train.problems import CLASS_MAP_FORMAT, Problem, SegmentationProblem
+from avcl_core.cache import CLASS_MAP_FORMAT, PALETTE_FORMAT, open_store
+from train.problems import Problem, SegmentationProblem
 
 log = logging.getLogger("avcl.train")
 
@@ -77,7 +77,6 @@ IGNORE = 255
 BACKGROUND = "background"
 #: Channels of the pixel embedding the segmentation head's decoder emits for the classifier.
 PIXEL_DIM = 32
-PALETTE_FORMAT = "palette-nearest/1"
 
 
 def avss_iou_sums(pred, gt, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
