@@ -795,30 +795,66 @@ def sem_shapes(classes: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(shapes))
 
 
-def sem_protocols(classes: int) -> list[dict]:
-    """Semantic segmentation protocols ``synth-sem-<base>-<step>`` over ``classes`` synth classes.
+def twin_order(classes: int, later: int) -> tuple[list[int], list[int]] | None:
+    """(base classes, later classes) of a *twin* order: each later class looks like a base class.
 
-    Classes: ``background`` (output channel 0) then the synth classes in index
-    order; task 0 = background + the first ``base`` classes, then steps of ``step``
-    classes (classes left over after whole steps are not used). The semantic mask of a
-    clip is its sounding object labelled with its class (class id + 1, 0 background;
-    :mod:`train.problems_semantic` derives it from the stored binary mask and the
-    clip's label). Overlapped class-incremental with background shift; memory 5 clips
-    per class (CMR's budget); ``kind = "semantic"``.
+    Classes ``2k`` and ``2k + 1`` share their visual identity (:func:`visual_id`) and
+    differ by sound. The later classes are the odd members of the last ``later`` pairs,
+    in index order; the base holds every other class, among them the even twin of
+    each later class. None when ``later`` exceeds the number of pairs."""
+    _check_classes(classes)
+    pairs = classes // 2
+    if not 0 < later <= pairs:
+        return None
+    late = [2 * k + 1 for k in range(pairs - later, pairs)]
+    return [i for i in range(classes) if i not in late], late
+
+
+def sem_protocols(classes: int) -> list[dict]:
+    """Semantic segmentation protocols over ``classes`` synth classes.
+
+    ``synth-sem-<base>-<step>``: ``background`` (output channel 0) then the synth
+    classes in index order; task 0 = background + the first ``base`` classes, then
+    steps of ``step`` classes (classes left over after whole steps are not used).
+
+    ``synth-sem-twin-<base>-<step>``: the same shape in the :func:`twin_order`: every
+    class of a later step looks exactly like one base class (a visual twin: same
+    colour, shape, texture, motion) and is told apart from it only by its sound.
+    The old model then predicts the old twin on the new class's objects (CMR's
+    "co-occurrence confusion", the collisions its CSR counts), and a model that
+    learns the new class from the picture alone overwrites its twin: the
+    modality entanglement CMR is built for. (In index order a later step's classes
+    are each other's twins, so nothing old looks like them.)
+
+    The semantic mask of a clip is its sounding object labelled with its class
+    (class id + 1, 0 background; :mod:`train.problems_semantic` derives it from the
+    stored binary mask and the clip's label, or reads a multi-source render's class
+    maps). Overlapped class-incremental with background shift; memory 5 clips per
+    class (CMR's budget); ``kind = "semantic"``.
     """
     names = [SEM_BACKGROUND, *class_names(classes)]
     out = []
-    for base, step in sem_shapes(classes):
-        n_steps = (classes - base) // step
-        tasks = [list(range(0, base + 1))] + [list(range(base + 1 + s * step, base + 1 + (s + 1) * step))
-                                               for s in range(n_steps)]
-        out.append({
-            "name": f"synth-sem-{base}-{step}", "dataset": DATASET, "classes": names, "tasks": tasks,
+
+    def protocol(name: str, order: list[int], base: int, step: int, what: str) -> dict:
+        n_steps = (len(order) - base) // step
+        ids = [c + 1 for c in order]  # protocol class index = class id + 1 (0 is background)
+        tasks = [[0, *ids[:base]]] + [ids[base + s * step: base + (s + 1) * step] for s in range(n_steps)]
+        return {
+            "name": name, "dataset": DATASET, "classes": names, "tasks": tasks,
             "setting": "CIL", "kind": "semantic", "memory": 0, "memory_per_class": 5, "derived": False,
             "provenance": (f"avcl_core.synth with {classes} classes: semantic masks of the sounding object "
-                           f"(class id + 1, 0 background); base {base} classes + background, then "
+                           f"(class id + 1, 0 background); {what}; base {base} classes + background, then "
                            f"{n_steps} steps of {step}; overlapped CIL with background shift; 5 clips per class"),
-        })
+        }
+
+    for base, step in sem_shapes(classes):
+        out.append(protocol(f"synth-sem-{base}-{step}", list(range(classes)), base, step, "classes in index order"))
+    for base, step in sem_shapes(classes):
+        twins = twin_order(classes, classes - base)
+        if twins is not None and (classes - base) % step == 0:
+            first, late = twins
+            out.append(protocol(f"synth-sem-twin-{base}-{step}", first + late, base, step,
+                                "every later class a visual twin of a base class, told apart by its sound"))
     return out
 
 

@@ -145,13 +145,29 @@ def _trainer(sem_data, method="finetune", proto="synth-sem-2-1", **hp):
 
 def test_shipped_synth_sem_protocols_are_what_the_generator_writes(tmp_path):
     written = synth.write_sem_protocols(tmp_path, 12)
-    assert sorted(p.stem for p in written) == ["synth-sem-6-6", "synth-sem-8-2"]
+    assert sorted(p.stem for p in written) == ["synth-sem-6-6", "synth-sem-8-2", "synth-sem-twin-6-6",
+                                               "synth-sem-twin-8-2"]
     for p in written:
         shipped = load_protocol(p.stem)
         assert shipped.to_dict() == load_protocol(str(p)).to_dict()
         assert shipped.kind == "semantic" and shipped.classes[0] == "background" and shipped.memory_per_class == 5
     p = load_protocol("synth-sem-8-2")
     assert [len(t) for t in p.tasks] == [9, 2, 2]
+
+
+def test_twin_protocols_put_a_look_alike_of_every_later_class_in_the_base():
+    p = load_protocol("synth-sem-twin-8-2")
+    assert [len(t) for t in p.tasks] == [9, 2, 2]
+    names = p.classes
+    look = {n: n.split("-")[1:3] for n in names[1:]}  # c05-green-triangle-fs4 -> colour, shape
+    base = [names[c] for c in p.tasks[0][1:]]
+    later = [names[c] for t in p.tasks[1:] for c in t]
+    assert later == ["c05-green-triangle-fs4", "c07-cyan-star-a4", "c09-blue-cross-c5", "c11-magenta-ring-ds5"]
+    for n in later:  # exactly one base class looks the same (its twin), and none of the other later ones
+        assert sum(look[b] == look[n] for b in base) == 1, n
+        assert sum(look[m] == look[n] for m in later) == 1, n
+    assert sorted(base + later) == list(names[1:])
+    assert synth.twin_order(12, 7) is None and synth.twin_order(12, 6)[1] == [1, 3, 5, 7, 9, 11]
 
 
 def test_semantic_masks_carry_the_class_of_the_sounding_object(sem_data):
