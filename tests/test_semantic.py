@@ -224,6 +224,25 @@ def test_methods_run_end_to_end_on_synth_sem_and_write_semantic_results(sem_data
         steps = (d / "semantic_steps.csv").read_text().splitlines()
         assert steps[0].startswith("step,n_seen") and len(steps) == 4
         assert float(steps[-1].split(",")[6]) == pytest.approx(met["per_metric"]["miou"]["step"][-1])
+    # cmr leaves a record per task of what CSR counted and what MSS kept
+    (d,) = [Path(r["run_dir"]) for r in res if Path(r["run_dir"]).parent.name == "cmr"]
+    p = load_protocol(proto)
+    names = p.classes
+    rows = {r["sample_id"]: r for r in map(json.loads, (sem_data["root"] / "manifest.jsonl").read_text().splitlines())}
+    for t in range(3):
+        rec = json.loads((d / f"cmr_task{t}.json").read_text())
+        assert rec["task"] == t and ("csr" in rec) == (t > 0)
+        assert set(rec["mss"]) == {names[c] for c in p.tasks[t] if c != 0}
+        for name, m in rec["mss"].items():
+            assert 1 <= len(m["kept"]) <= min(5, m["candidates"])
+            for k in m["kept"]:  # a training clip of that class, delta = AV - V
+                row = rows[k["sample_id"]]
+                assert row["split"] == "train" and names.index(name) - 1 in np.atleast_1d(row["label"])
+                assert k["delta"] == pytest.approx(k["miou_av"] - k["miou_v"], abs=2e-4)
+        if t:
+            old = {names[c] for task in p.tasks[:t] for c in task if c != 0}
+            assert set(rec["csr"]["frames_with_collisions"]) == old == set(rec["csr"]["buffer_entries"])
+            assert sum(rec["csr"]["share"].values()) in (0.0, pytest.approx(1.0, abs=1e-3))
 
 
 def test_cmr_keeps_mss_exemplars_and_resamples_by_collisions(sem_data):

@@ -43,6 +43,11 @@ more often), once per task; that buffer joins the task's clips. The kept memory
 itself is not changed. Without ``csr``: the buffer as it is. ``mss=false,
 csr=false`` is PLOP with random rehearsal of the same memory.
 
+Each task leaves ``cmr_task<t>.json`` in the run directory: the frames with collisions
+per old class, their shares and the buffer entries per class after resampling (CSR),
+and per new class the clips MSS kept with their delta and both models' mIoU, beside
+the mean mIoU of the candidates left out.
+
 On the multi-source synth render (``avcl_core.synth.render(multi=0.5)``), probes on
 its *val* clips (test clips unused) compared these choices with random rehearsal
 and the ablations ``mss=false`` / ``csr=false`` and kept them unchanged; what they
@@ -50,6 +55,7 @@ changed is the benchmark's training length (``tests/test_cmr_slow.py``).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +84,7 @@ class CMR(PLOPLosses):
         super().__init__(hp)
         self.collisions: dict[int, float] = {}
         self.deltas: dict[int, float] = {}
+        self.record: dict = {}  # what this task's CSR and MSS did (``cmr_task<t>.json``)
 
     # -- CSR ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -109,7 +116,19 @@ class CMR(PLOPLosses):
         total = counts.sum()
         self.collisions = {c: float(counts[c] / total) if total else 0.0 for c in range(1, counts.size)}
         rng = np.random.default_rng([tr.seed, task, 7])
-        return csr_resample(tr.memory.per_class(), self.collisions, self.hp.csr_fraction, rng)
+        buf = csr_resample(tr.memory.per_class(), self.collisions, self.hp.csr_fraction, rng)
+        names = self._names()
+        used = np.bincount(buf, minlength=len(tr.fs))
+        self.record["csr"] = {
+            "frames_with_collisions": {names[c]: int(counts[c]) for c in range(1, counts.size)},
+            "share": {names[c]: round(w, 4) for c, w in self.collisions.items()},
+            "buffer_entries": {names[c]: int(used[idx].sum()) for c, idx in tr.memory.per_class().items() if c},
+        }
+        return buf
+
+    def _names(self) -> list[str]:
+        tr = self.trainer
+        return [tr.protocol.classes[c] for c in tr.class_order]
 
     # -- MSS ---------------------------------------------------------------------------
     def _visual_only_model(self, task: int):
@@ -158,6 +177,26 @@ class CMR(PLOPLosses):
         return out
 
     def after_task(self, task: int) -> None:
+        try:
+            self._select(task)
+        finally:
+            self._write_record(task)
+
+    def _write_record(self, task: int) -> None:
+        """``<run_dir>/cmr_task<t>.json``: the collisions CSR counted before task ``t`` (frames per old
+        class, their shares, buffer entries per class after resampling) and, per new class, what
+        MSS kept (sample ids, their delta and audio-visual / visual-only mIoU, and the same means
+        over the candidates left out)."""
+        tr = self.trainer
+        rec, self.record = {"task": task, **self.record}, {}
+        if tr.run_dir is None:
+            return
+        tr.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tr.run_dir / f"cmr_task{task}.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=1) + "\n")
+        tmp.replace(tr.run_dir / f"cmr_task{task}.json")
+
+    def _select(self, task: int) -> None:
         tr = self.trainer
         if not self.hp.mss or not len(tr.memory):
             return
@@ -172,9 +211,26 @@ class CMR(PLOPLosses):
         delta = dict(zip(pool.tolist(), (av - vo).tolist()))
         self.deltas = delta
         q = tr.memory.quota()
+        names, ids = self._names(), tr.fs.sample_ids
+        mss = self.record["mss"] = {}
         for c, idx in cand.items():
             if idx.size:
-                tr.memory.replace_class(c, mss_select(idx, [delta[int(i)] for i in idx], q))
+                kept = mss_select(idx, [delta[int(i)] for i in idx], q)
+                tr.memory.replace_class(c, kept)
+                pos = np.searchsorted(pool, idx)
+                k = np.isin(idx, kept)
+
+                def mean(v, sel):
+                    return round(float(v[pos[sel]].mean()), 4) if sel.any() else None
+
+                mss[names[c]] = {
+                    "candidates": int(idx.size),
+                    "kept": [{"sample_id": ids[int(i)], "delta": round(delta[int(i)], 4),
+                              "miou_av": round(float(av[np.searchsorted(pool, i)]), 4),
+                              "miou_v": round(float(vo[np.searchsorted(pool, i)]), 4)} for i in kept],
+                    "mean_miou_av": {"kept": mean(av, k), "left_out": mean(av, ~k)},
+                    "mean_miou_v": {"kept": mean(vo, k), "left_out": mean(vo, ~k)},
+                }
 
 
 def _mute_audio(x: dict) -> dict:
