@@ -71,11 +71,12 @@ def build_store(data: Path, clips_per_class: int) -> tuple[str, Path]:
 
 def val_protocol(name: str, manifest: Path, out: Path) -> str:
     """A copy of protocol ``name`` whose test list is the render's val clips (its train list unchanged)."""
+    from avcl_core.manifest import Manifest
     from avcl_core.protocols import load_protocol
 
     d = load_protocol(name).to_dict()
-    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-    ids = {s: [r["sample_id"] for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    m = Manifest.load(manifest)
+    ids = {s: m.split(s).sample_ids for s in ("train", "val", "test")}
     d.update(name=f"{d['name']}-val", splits={"train": ids["train"], "val": ids["test"], "test": ids["val"]})
     path = out / f"{d['name']}.json"
     path.write_text(json.dumps(d))

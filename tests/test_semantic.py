@@ -228,7 +228,7 @@ def test_methods_run_end_to_end_on_synth_sem_and_write_semantic_results(sem_data
     (d,) = [Path(r["run_dir"]) for r in res if Path(r["run_dir"]).parent.name == "cmr"]
     p = load_protocol(proto)
     names = p.classes
-    rows = {r["sample_id"]: r for r in map(json.loads, (sem_data["root"] / "manifest.jsonl").read_text().splitlines())}
+    rows = {r["sample_id"]: r for r in sem_data["manifest"]}
     for t in range(3):
         rec = json.loads((d / f"cmr_task{t}.json").read_text())
         assert rec["task"] == t and ("csr" in rec) == (t > 0)

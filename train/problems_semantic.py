@@ -344,11 +344,16 @@ class SemanticProblem(SegmentationProblem):
         v = S.mean_iou(cm, range(tr.n_seen))
         return v if np.isfinite(v) else 0.0
 
+    def channel_names(self) -> list[str]:
+        """The protocol's class name of each output channel (channel 0: background)."""
+        tr = self.trainer
+        return [tr.protocol.classes[c] for c in tr.class_order]
+
     def finish(self, run_dir) -> None:
         """``semantic_steps.csv`` and ``semantic_table.md``: per step the seen classes and mIoU base / new / all."""
         tr = self.trainer
         steps = tr._steps
-        names = [tr.protocol.classes[c] for c in tr.class_order]
+        names = self.channel_names()
         base = f"{0}-{tr.offsets[1] - 1}"
         rows = []
         for t in range(len(steps["miou"])):

@@ -125,7 +125,7 @@ class CMR(PLOPLosses):
         self.collisions = {c: float(counts[c] / total) if total else 0.0 for c in range(1, counts.size)}
         rng = np.random.default_rng([tr.seed, task, 7])
         buf = csr_resample(tr.memory.per_class(), self.collisions, self.hp.csr_fraction, rng)
-        names = self._names()
+        names = tr.problem.channel_names()
         used = np.bincount(buf, minlength=len(tr.fs))
         self.record["csr"] = {
             "frames_with_collisions": {names[c]: int(counts[c]) for c in range(1, counts.size)},
@@ -133,10 +133,6 @@ class CMR(PLOPLosses):
             "buffer_entries": {names[c]: int(used[idx].sum()) for c, idx in tr.memory.per_class().items() if c},
         }
         return buf
-
-    def _names(self) -> list[str]:
-        tr = self.trainer
-        return [tr.protocol.classes[c] for c in tr.class_order]
 
     # -- MSS ---------------------------------------------------------------------------
     def _visual_only_model(self, task: int):
@@ -219,26 +215,26 @@ class CMR(PLOPLosses):
         delta = dict(zip(pool.tolist(), (av - vo).tolist()))
         self.deltas = delta
         q = tr.memory.quota()
-        names, ids = self._names(), tr.fs.sample_ids
+        names, ids = tr.problem.channel_names(), tr.fs.sample_ids
         mss = self.record["mss"] = {}
         for c, idx in cand.items():
             if idx.size:
                 kept = mss_select(idx, [delta[int(i)] for i in idx], q)
                 tr.memory.replace_class(c, kept)
-                pos = np.searchsorted(pool, idx)
-                k = np.isin(idx, kept)
-
-                def mean(v, sel):
-                    return round(float(v[pos[sel]].mean()), 4) if sel.any() else None
-
+                kept_pos, left_pos = np.searchsorted(pool, kept), np.searchsorted(pool, idx[~np.isin(idx, kept)])
                 mss[names[c]] = {
                     "candidates": int(idx.size),
                     "kept": [{"sample_id": ids[int(i)], "delta": round(delta[int(i)], 4),
-                              "miou_av": round(float(av[np.searchsorted(pool, i)]), 4),
-                              "miou_v": round(float(vo[np.searchsorted(pool, i)]), 4)} for i in kept],
-                    "mean_miou_av": {"kept": mean(av, k), "left_out": mean(av, ~k)},
-                    "mean_miou_v": {"kept": mean(vo, k), "left_out": mean(vo, ~k)},
+                              "miou_av": round(float(av[j]), 4), "miou_v": round(float(vo[j]), 4)}
+                             for i, j in zip(kept, kept_pos)],
+                    "mean_miou_av": {"kept": _mean(av[kept_pos]), "left_out": _mean(av[left_pos])},
+                    "mean_miou_v": {"kept": _mean(vo[kept_pos]), "left_out": _mean(vo[left_pos])},
                 }
+
+
+def _mean(v: np.ndarray) -> float | None:
+    """The mean of ``v`` rounded for the record, None when empty."""
+    return round(float(v.mean()), 4) if v.size else None
 
 
 def _mute_audio(x: dict) -> dict:
