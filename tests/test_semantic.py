@@ -2,6 +2,7 @@
 synth-sem protocols, and the finetune / joint / lwf / mib / plop / cmr methods on them."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -201,6 +202,39 @@ def test_semantic_rows_equal_confusion_matrices_of_the_final_predictions(sem_dat
     assert A["miou"][-1, 1] == pytest.approx(np.nan_to_num(iou[3]))
     assert res.step_acc[-1] == pytest.approx(np.nanmean(iou))
     assert A["miou_new"][-1, 2] == pytest.approx(np.nan_to_num(iou[4]))
+
+
+def test_per_class_iou_file_holds_each_steps_confusion_matrix_iou_and_survives_a_resume(sem_data, tmp_path):
+    from train_fixtures import Interrupted, interrupt_before_task
+
+    def trainer(d):
+        fs = FeatureSet.from_stores([sem_data["store"]], streams={"visual": "visual_dense"})
+        p = load_protocol(sem_data["protocols"]["synth-sem-2-1"])
+        return Trainer(fs, p, build_method("finetune", {"epochs": 2, "batch_size": 8}), head="atlas",
+                       head_config={"d_model": 32}, seed=0, run_dir=d)
+
+    tr = trainer(tmp_path / "full")
+    res = tr.fit()
+    with open(tmp_path / "full" / "semantic_class_iou.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["channel", "class", "step_0", "step_1", "step_2"]
+    assert [r[1] for r in rows[1:]] == tr.problem.channel_names()
+    # the last column is the IoU of the final confusion matrix; a class is empty before its step
+    iou = S.iou_per_class(tr.problem.last_confusion)
+    for c, r in enumerate(rows[1:]):
+        assert float(r[4]) == pytest.approx(iou[c])
+        first = next(t for t in range(3) if c < tr.offsets[t + 1])
+        assert all(v == "" for v in r[2: 2 + first]) and all(v != "" for v in r[2 + first:])
+    # the step's all-class mIoU is the mean of its row over the seen classes
+    for t in range(3):
+        vals = [float(r[2 + t]) for r in rows[1:] if r[2 + t] != ""]
+        assert np.mean(vals) == pytest.approx(res.step_acc[t])
+    cut = interrupt_before_task(trainer(tmp_path / "cut"), 2)
+    with pytest.raises(Interrupted):
+        cut.fit()
+    assert trainer(tmp_path / "cut").fit(resume=True).resumed_from == 2
+    assert (tmp_path / "cut" / "semantic_class_iou.csv").read_text() == \
+        (tmp_path / "full" / "semantic_class_iou.csv").read_text()
 
 
 def test_methods_run_end_to_end_on_synth_sem_and_write_semantic_results(sem_data, tmp_path):

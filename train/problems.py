@@ -71,6 +71,13 @@ class Problem:
     def finish(self, run_dir) -> None:
         """Write problem-specific files at the end of a run."""
 
+    def state_dict(self) -> dict:
+        """What the problem accumulates over the steps and a resumed run needs back (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a resumed run)."""
+
 
 class ClassificationProblem(Problem):
     """Class-incremental (CIL) and task-incremental (TIL) classification: the trainer's own code."""

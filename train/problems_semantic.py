@@ -174,6 +174,7 @@ class SemanticProblem(SegmentationProblem):
         self._load_masks()
         self._current_for = None
         self._current: torch.Tensor | None = None
+        self.class_iou: list[list[float]] = []  # per step: IoU of every output channel (NaN: unseen / absent)
 
     # -- data --------------------------------------------------------------------------
     def _load_masks(self) -> None:
@@ -336,6 +337,8 @@ class SemanticProblem(SegmentationProblem):
         idx = np.unique(np.concatenate(tr.split_idx["test"][: tr.task + 1]))
         cm, sums, counts = self.accumulate(idx, tr.n_seen, tr.offsets[-1])
         self.last_confusion = cm
+        del self.class_iou[tr.task:]
+        self.class_iou.append([float(x) for x in S.iou_per_class(cm)])
         return semantic_scores(cm, sums, counts, tr.offsets, tr.task)
 
     def val_score(self, idx: np.ndarray) -> float:
@@ -349,8 +352,16 @@ class SemanticProblem(SegmentationProblem):
         tr = self.trainer
         return [tr.protocol.classes[c] for c in tr.class_order]
 
+    def state_dict(self) -> dict:
+        return {"class_iou": [list(r) for r in self.class_iou]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.class_iou = [[float(x) for x in r] for r in state.get("class_iou", [])]
+
     def finish(self, run_dir) -> None:
-        """``semantic_steps.csv`` and ``semantic_table.md``: per step the seen classes and mIoU base / new / all."""
+        """``semantic_steps.csv`` and ``semantic_table.md``: per step the seen classes and mIoU base / new / all;
+        ``semantic_class_iou.csv``: the IoU of each class after each step (empty before it is seen), the
+        table that shows which old class a step made the model forget."""
         tr = self.trainer
         steps = tr._steps
         names = self.channel_names()
@@ -376,3 +387,16 @@ class SemanticProblem(SegmentationProblem):
         for r in rows:
             lines.append(f"| {r[0]} | {r[1]} | {pct(r[4])} | {pct(r[5])} | {pct(r[6])} | {pct(r[7])} |")
         (run_dir / "semantic_table.md").write_text("\n".join(lines) + "\n")
+        self._write_class_iou(run_dir / "semantic_class_iou.csv", names)
+
+    def _write_class_iou(self, path, names: list[str]) -> None:
+        """``channel,class,step_0,...``: IoU of each channel after each step; empty where the class is not
+        seen yet or neither predicted nor present in the test frames."""
+        tr = self.trainer
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["channel", "class"] + [f"step_{t}" for t in range(len(self.class_iou))])
+            for c, name in enumerate(names):
+                vals = ["" if c >= tr.offsets[t + 1] or not np.isfinite(r[c]) else repr(r[c])
+                        for t, r in enumerate(self.class_iou)]
+                w.writerow([c, name] + vals)

@@ -564,6 +564,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "memory": self.memory.state_dict(),
             "method": self.method.state_dict(),
+            "problem": self.problem.state_dict(),
             "acc_matrix": A[: t + 1].tolist(),
             "step_acc": list(step_acc),
             **({"matrices": {m: v[: t + 1].tolist() for m, v in self._mats.items()},
@@ -600,6 +601,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.memory.load_state_dict(state["memory"])
         self.method.load_state_dict(state["method"])
+        self.problem.load_state_dict(state.get("problem") or {})
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> RunResult:
