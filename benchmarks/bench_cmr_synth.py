@@ -116,6 +116,8 @@ def main(argv=None) -> str:
     p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "avcl-bench-cmr"),
                    help="where the render and its store are built (reused)")
+    p.add_argument("--keep", default=None, help="train into this folder and keep the run directories "
+                   "(semantic_class_iou.csv, cmr_task<t>.json) instead of a temporary one")
     p.add_argument("--write", action="store_true", help="record the result in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     seeds = seeds_of(args.seeds)
@@ -125,11 +127,12 @@ def main(argv=None) -> str:
     names = list(VARIANTS) if args.ablations else ["cmr", "random rehearsal"]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.keep) if args.keep else Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         proto = args.protocol if args.split == "test" else val_protocol(args.protocol, manifest, tmp)
         cmds = {n: [sys.executable, "-m", "train.cli", "--cache", store, "--protocol", proto, "--method", "cmr",
-                    "--seeds", ",".join(map(str, seeds)), "--threads", str(args.threads), "--out",
+                    "--seeds", ",".join(map(str, seeds)), "--threads", str(args.threads), "--force", "--out",
                     str(tmp / n.replace(" ", "-")), *TRAIN, *VARIANTS[n]] for n in names}
         pending, running = list(names), {}
         while pending or running:
