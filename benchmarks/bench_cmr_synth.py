@@ -24,6 +24,7 @@ list is the val clips), as used to choose settings without looking at the test c
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -99,6 +100,32 @@ def steps_of(out: Path, seeds: list[int]) -> np.ndarray:
     return np.asarray(rows, dtype=float)
 
 
+def class_iou(run: Path) -> dict[str, np.ndarray]:
+    """Class name -> IoU after each step (NaN before the class is seen) of one run directory."""
+    with open(run / "semantic_class_iou.csv") as f:
+        rows = list(csv.reader(f))
+    return {r[1]: np.array([float(x) if x else np.nan for x in r[2:]]) for r in rows[1:]}
+
+
+def csr_targets(cmr: Path, rnd: Path, seeds: list[int], T: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seeds, T - 1) paired IoU differences cmr - random rehearsal after each incremental step ``t``,
+    averaged over the old classes CSR weighted most before ``t`` (as many as the step brings new
+    classes, by collision share in ``cmr_task<t>.json``) and over the other old classes."""
+    top, rest = np.full((len(seeds), T - 1), np.nan), np.full((len(seeds), T - 1), np.nan)
+    for i, s in enumerate(seeds):
+        (a,), (b,) = list(cmr.glob(f"*/*/seed{s}")), list(rnd.glob(f"*/*/seed{s}"))
+        ia, ib = class_iou(a), class_iou(b)
+        steps = [line.split(",") for line in (a / "semantic_steps.csv").read_text().splitlines()[1:]]
+        for t in range(1, T):
+            share = json.loads((a / f"cmr_task{t}.json").read_text())["csr"]["share"]
+            n_new = int(steps[t][1]) - int(steps[t - 1][1])
+            ranked = sorted(share, key=lambda c: -share[c])
+            d = {c: ia[c][t] - ib[c][t] for c in ranked}
+            top[i, t - 1] = np.nanmean([d[c] for c in ranked[:n_new]])
+            rest[i, t - 1] = np.nanmean([d[c] for c in ranked[n_new:]])
+    return top, rest
+
+
 def paired(d: np.ndarray, rng: np.random.Generator, n_boot: int = 10000) -> tuple[float, float, float, float]:
     """(mean, std, bootstrap 2.5 %, 97.5 %) of the mean of the paired differences ``d``."""
     boot = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
@@ -132,7 +159,7 @@ def main(argv=None) -> str:
         tmp.mkdir(parents=True, exist_ok=True)
         proto = args.protocol if args.split == "test" else val_protocol(args.protocol, manifest, tmp)
         cmds = {n: [sys.executable, "-m", "train.cli", "--cache", store, "--protocol", proto, "--method", "cmr",
-                    "--seeds", ",".join(map(str, seeds)), "--threads", str(args.threads), "--force", "--out",
+                    "--seeds", ",".join(map(str, seeds)), "--threads", str(args.threads), "--out",
                     str(tmp / n.replace(" ", "-")), *TRAIN, *VARIANTS[n]] for n in names}
         pending, running = list(names), {}
         while pending or running:
@@ -146,15 +173,21 @@ def main(argv=None) -> str:
                         raise SystemExit(f"bench_cmr_synth: {n} failed (exit {proc.returncode}): {' '.join(cmds[n])}")
                     del running[n]
         res = {n: steps_of(tmp / n.replace(" ", "-"), seeds) for n in names}
+        top, rest = csr_targets(tmp / "cmr", tmp / "random-rehearsal", seeds, res["cmr"].shape[1])
     minutes = (time.perf_counter() - t0) / 60
     rng = np.random.default_rng(0)
     T = res["cmr"].shape[1]
+    default = args.clips_per_class == 10 and args.split == "test" and args.protocol == "synth-sem-twin-8-2"
+    heading = SECTION if default else \
+        f"{SECTION[:-1]}; {args.protocol}, {args.clips_per_class} clips per class, {args.split} clips)"
     lines = [
-        SECTION, "",
+        heading, "",
         f"`benchmarks/bench_cmr_synth.py --seeds {args.seeds} --protocol {args.protocol} --clips-per-class "
-        f"{args.clips_per_class} --split {args.split}{' --ablations' if args.ablations else ''}` "
+        f"{args.clips_per_class} --split {args.split}{' --ablations' if args.ablations else ''}"
+        f"{' --keep ' + args.keep if args.keep else ''}` "
         f"({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"load average at the start {load0:.1f}; {minutes:.0f} min). Multi-source synth render "
+        f"load average at the start {load0:.1f}; {minutes:.0f} min"
+        f"{'; finished runs in --keep reused' if args.keep else ''}). Multi-source synth render "
         f"(12 classes, {args.clips_per_class} clips per class), {len(seeds)} seeds, 40 epochs per task; "
         f"all-class mIoU % on the {args.split} clips after each step, mean (sd) over the seeds:", "",
         "| variant | " + " | ".join(f"step {t}" for t in range(T)) + " | mean over steps |",
@@ -170,6 +203,15 @@ def main(argv=None) -> str:
     for label, d in [*[(f"step {t}", diff[:, t]) for t in range(1, T)], ("mean over steps", diff.mean(axis=1))]:
         m, sd, lo, hi = paired(100 * d, rng)
         lines.append(f"| {label} | {m:+.1f} | {sd:.1f} | [{lo:+.1f}, {hi:+.1f}] | {int((d > 0).sum())} / {d.size} |")
+    lines += ["", "Where CSR acts: the paired IoU difference cmr - random rehearsal (points) after each step on the "
+              "old classes CSR weighted most before it (as many as the step brings new classes, ranked by their "
+              "share of the old model's collisions) and on the other old classes:", "",
+              "| | classes | mean | sd | 95 % interval | cmr ahead |", "|---|---|---:|---:|---|---:|"]
+    for t in range(1, T):
+        for label, d in (("most collisions", top[:, t - 1]), ("other old classes", rest[:, t - 1])):
+            m, sd, lo, hi = paired(100 * d, rng)
+            lines.append(f"| step {t} | {label} | {m:+.1f} | {sd:.1f} | [{lo:+.1f}, {hi:+.1f}] | "
+                         f"{int((d > 0).sum())} / {d.size} |")
     lines.append("")
     return publish(lines, args.write)
 
