@@ -310,3 +310,37 @@ def test_mib_and_plop_refuse_a_binary_segmentation_protocol(sem_data, tmp_path):
     for name in ("mib", "plop", "cmr"):
         with pytest.raises(TrainError, match="semantic"):
             Trainer(fs, p, build_method(name, {"epochs": 1}), head="atlas", head_config={"d_model": 32}, seed=0)
+
+
+def test_report_gives_seed_003s_table_and_per_class_pictures_for_semantic_runs(sem_data, tmp_path):
+    from click.testing import CliRunner
+
+    from train.report import make_report
+    from train.report_cli import main as report_main
+
+    proto = sem_data["protocols"]["synth-sem-2-1"]
+    res = train_main(["--cache", sem_data["store"], "--protocol", proto, "--method", "finetune,joint",
+                      "--seeds", "0,1", "--out", str(tmp_path / "runs"), *TINY])
+    assert [r["status"] for r in res] == ["ok"] * 4
+    rep = make_report([tmp_path / "runs"], tmp_path / "rep")
+    name = load_protocol(proto).name
+    t = rep.table
+    assert [c[1] for c in t.columns] == ["step 0: 0–2", "step 0: all", "step 1: 0–2", "step 1: 3–3", "step 1: all",
+                                         "step 2: 0–2", "step 2: 3–4", "step 2: all"]
+    for method in ("finetune", "joint"):
+        steps = [np.genfromtxt(tmp_path / "runs" / name / method / f"seed{s}" / "semantic_steps.csv",
+                               delimiter=",", names=True, dtype=None, encoding=None) for s in (0, 1)]
+        (row,) = [r for r in t.rows if t.runs_per_row[r][0].method == method]
+        for col, (field, step) in zip(t.columns, [("miou_base", 0), ("miou_all", 0), ("miou_base", 1),
+                                                  ("miou_new", 1), ("miou_all", 1), ("miou_base", 2),
+                                                  ("miou_new", 2), ("miou_all", 2)]):
+            cell = t.cells[(row, col)]
+            assert cell.values == {s: pytest.approx(100 * steps[s][field][step]) for s in (0, 1)}
+            assert cell.mean == pytest.approx(50 * (steps[0][field][step] + steps[1][field][step]))
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert f"### {name}: mIoU (%) after each step" in md and md.count("\n| ") == 3  # header, 2 methods
+    assert {p.name for p in rep.plots} == {f"semantic_curves_{name}.png", f"class_iou_{name}.png"}
+    assert all(p.stat().st_size > 5000 for p in rep.plots)
+    out = CliRunner().invoke(report_main, [str(tmp_path / "runs"), "--out", str(tmp_path / "cli"), "--no-plots"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "cli" / "table.csv").read_text().splitlines()[0].startswith("method,method_id,head,")

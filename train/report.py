@@ -25,6 +25,9 @@ Segmentation runs (``"problem": "segmentation"`` in ``config.json``) add:
   ``prob`` (K, H, W) foreground probabilities, ``gt`` (K, H, W) masks, and
   optionally ``image`` (K, H, W, 3) uint8 frames to draw under the masks.
 
+Semantic segmentation runs (``"problem": "semantic"``) are reported by
+:mod:`train.report_semantic` (seed 003's base / new / all table per step).
+
 Their table columns are keys ``<metric>/<summary>`` (e.g. ``map/average_accuracy``,
 the CL-AVS "Avg mAP"); a summary missing from ``per_metric`` is computed from
 that metric's matrix. See :func:`make_report` for the figures.
@@ -208,6 +211,7 @@ class Run:
     primary_metric: str | None = None  # the metric of acc_matrix (segmentation)
     matrices: dict = field(default_factory=dict)  # segmentation metric -> (T, T) matrix
     overlays: Path | None = None  # overlays.npz of a segmentation run, when written
+    steps: dict = field(default_factory=dict)  # semantic: metric -> (T,) value after each step (NaN: undefined)
 
     @property
     def num_tasks(self) -> int:
@@ -216,6 +220,10 @@ class Run:
     @property
     def is_segmentation(self) -> bool:
         return self.problem == "segmentation"
+
+    @property
+    def is_semantic(self) -> bool:
+        return self.problem == "semantic"
 
 
 def discover_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -293,9 +301,10 @@ def load_run(run_dir: str | Path) -> Run:
         cpt = proto.get("classes_per_task", cpt)
         proto = proto["name"]
     problem = str(cfg.get("problem") or "classification")
-    if problem not in ("classification", "segmentation"):
-        raise ReportError(f"{d / 'config.json'}: 'problem' must be classification or segmentation, got {problem!r}")
-    seg = problem == "segmentation"
+    if problem not in ("classification", "segmentation", "semantic"):
+        raise ReportError(f"{d / 'config.json'}: 'problem' must be classification, segmentation or semantic, "
+                          f"got {problem!r}")
+    seg = problem != "classification"
     A = _read_matrix(d / "acc_matrix.csv")
     T = A.shape[0]
     if "step_acc" not in met and seg and np.all(np.isfinite(A[np.tril_indices(T)])):
@@ -326,10 +335,12 @@ def load_run(run_dir: str | Path) -> Run:
     hp = cfg.get("hparams") or {}
     if not isinstance(hp, dict):
         raise ReportError(f"{d / 'config.json'}: 'hparams' must be an object")
-    primary, matrices, overlays = None, {}, None
+    primary, matrices, overlays, step_values = None, {}, None, {}
     if seg:
         primary, matrices = _segmentation_results(d, cfg, met, A, values)
         overlays = d / "overlays.npz" if (d / "overlays.npz").is_file() else None
+    if problem == "semantic":
+        step_values = _step_values(d, met, T)
     return Run(
         path=d,
         method=str(cfg["method"]),
@@ -345,7 +356,26 @@ def load_run(run_dir: str | Path) -> Run:
         primary_metric=primary,
         matrices=matrices,
         overlays=overlays,
+        steps=step_values,
     )
+
+
+def _step_values(d: Path, met: dict, T: int) -> dict[str, np.ndarray]:
+    """``per_metric[m]['step']`` of a semantic run's ``metrics.json``: metric -> (T,) (null -> NaN)."""
+    out = {}
+    for m, v in (met.get("per_metric") or {}).items():
+        step = v.get("step") if isinstance(v, dict) else None
+        if step is None:
+            continue
+        try:
+            arr = np.array([np.nan if x is None else float(x) for x in step])
+        except (TypeError, ValueError) as e:
+            raise ReportError(f"{d / 'metrics.json'}: per_metric[{m!r}]['step'] holds a non-number") from e
+        if arr.shape != (T,):
+            raise ReportError(f"{d / 'metrics.json'}: per_metric[{m!r}]['step'] has {arr.size} values, "
+                              f"acc_matrix.csv {T} tasks")
+        out[m] = arr
+    return out
 
 
 def _segmentation_results(d: Path, cfg: dict, met: dict, A: np.ndarray, values: dict):
@@ -462,20 +492,8 @@ class Table:
     runs_per_row: dict[str, list[Run]] = field(default_factory=dict)
 
 
-def build_table(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -> Table:
-    """Aggregate runs into a :class:`Table`.
-
-    Cell = mean ± sample std (ddof = 1) over seeds, in percent. The best cell
-    of a column has the highest mean (lowest for forgetting metrics); every
-    cell equal to it at two decimals is marked best. ``p_value`` is the
-    two-sided paired t-test (``scipy.stats.ttest_rel``, runs paired by seed,
-    seeds present in both rows) against the column's best row (the first in row
-    order among ties); NaN when fewer than two seeds are shared or the paired
-    differences are constant. The joint-training upper bound is never the best
-    (unless it is the only method); its p-value is against the best method too.
-    """
-    for m in metrics:
-        metric_info(m)
+def group_rows(runs: Sequence[Run]) -> tuple[list[str], dict[str, list[Run]]]:
+    """(row labels in table order, label -> its runs); two runs of one row, protocol and seed are an error."""
     if not runs:
         raise ReportError("no runs to report")
     labels = _row_labels(runs)
@@ -490,44 +508,70 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -
             )
         seen[key] = r.path
         per_row.setdefault(lab, []).append(r)
-    rows = sorted(per_row, key=lambda lab: _row_sort_key(lab, per_row[lab][0].method))
+    return sorted(per_row, key=lambda lab: _row_sort_key(lab, per_row[lab][0].method)), per_row
+
+
+def build_table(runs: Sequence[Run], metrics: Sequence[str] = DEFAULT_METRICS) -> Table:
+    """Aggregate runs into a :class:`Table`.
+
+    Cell = mean ± sample std (ddof = 1) over seeds, in percent. The best cell
+    of a column has the highest mean (lowest for forgetting metrics); every
+    cell equal to it at two decimals is marked best. ``p_value`` is the
+    two-sided paired t-test (``scipy.stats.ttest_rel``, runs paired by seed,
+    seeds present in both rows) against the column's best row (the first in row
+    order among ties); NaN when fewer than two seeds are shared or the paired
+    differences are constant. The joint-training upper bound is never the best
+    (unless it is the only method); its p-value is against the best method too.
+    """
+    for m in metrics:
+        metric_info(m)
+    rows, per_row = group_rows(runs)
     protocols = sorted({r.protocol for r in runs})
     columns = [(p, m) for p in protocols for m in metrics]
     cells: dict = {}
     best: dict = {}
     for col in columns:
         proto, metric = col
-        higher = metric_info(metric)[1]
-        for lab in rows:
-            vals = {r.seed: 100.0 * r.metrics.get(metric, math.nan) for r in per_row[lab] if r.protocol == proto}
-            vals = {s: v for s, v in sorted(vals.items()) if math.isfinite(v)}
-            if not vals:
-                continue
-            arr = np.array(list(vals.values()))
-            std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
-            cells[(lab, col)] = Cell(values=vals, mean=float(arr.mean()), std=std)
-        present = [lab for lab in rows if (lab, col) in cells]
-        if not present:
-            continue
-        # the joint-training upper bound is a reference, not a competitor
-        contenders = [lab for lab in present if not _is_upper_bound(per_row[lab][0].method)] or present
-        means = [cells[(lab, col)].mean for lab in contenders]
-        b = contenders[int(np.argmax(means) if higher else np.argmin(means))]
-        best[col] = b
-        ref = cells[(b, col)]
-        for lab in present:
-            c = cells[(lab, col)]
-            c.is_best = lab in contenders and round(c.mean, 2) == round(ref.mean, 2)
-            if lab == b:
-                continue
-            shared = sorted(set(c.values) & set(ref.values))
-            if len(shared) < 2:
-                c.p_value = float("nan")
-                continue
-            x = np.array([c.values[s] for s in shared])
-            y = np.array([ref.values[s] for s in shared])
-            c.p_value = float(stats.ttest_rel(x, y).pvalue) if np.ptp(x - y) > 0 else float("nan")
+        _fill_column(cells, best, col, rows, per_row, lambda r, m=metric: r.metrics.get(m, math.nan),
+                     metric_info(metric)[1])
     return Table(rows=rows, columns=columns, cells=cells, best=best, runs_per_row=per_row)
+
+
+def _fill_column(cells: dict, best: dict, col: tuple[str, str], rows: Sequence[str], per_row: dict,
+                 value, higher: bool) -> None:
+    """Cells of column ``col = (protocol, key)``: per row, ``value(run)`` (a fraction, NaN when
+    undefined) of its runs on that protocol as a :class:`Cell` in %; marks the best row and the
+    paired t-test p-values against it (see :func:`build_table`)."""
+    proto = col[0]
+    for lab in rows:
+        vals = {r.seed: 100.0 * value(r) for r in per_row[lab] if r.protocol == proto}
+        vals = {s: v for s, v in sorted(vals.items()) if math.isfinite(v)}
+        if not vals:
+            continue
+        arr = np.array(list(vals.values()))
+        std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+        cells[(lab, col)] = Cell(values=vals, mean=float(arr.mean()), std=std)
+    present = [lab for lab in rows if (lab, col) in cells]
+    if not present:
+        return
+    # the joint-training upper bound is a reference, not a competitor
+    contenders = [lab for lab in present if not _is_upper_bound(per_row[lab][0].method)] or present
+    means = [cells[(lab, col)].mean for lab in contenders]
+    b = contenders[int(np.argmax(means) if higher else np.argmin(means))]
+    best[col] = b
+    ref = cells[(b, col)]
+    for lab in present:
+        c = cells[(lab, col)]
+        c.is_best = lab in contenders and round(c.mean, 2) == round(ref.mean, 2)
+        if lab == b:
+            continue
+        shared = sorted(set(c.values) & set(ref.values))
+        if len(shared) < 2:
+            c.p_value = float("nan")
+            continue
+        x = np.array([c.values[s] for s in shared])
+        y = np.array([ref.values[s] for s in shared])
+        c.p_value = float(stats.ttest_rel(x, y).pvalue) if np.ptp(x - y) > 0 else float("nan")
 
 
 def _fmt_cell(c: Cell | None) -> str:
@@ -999,11 +1043,15 @@ def make_report(
     ``table_detail.csv``; figures ``score_curves_*`` (primary metric over the
     tasks seen), ``score_matrices_*`` (its matrices), ``maxf_heatmaps_*``
     (Fig. 5), ``transfer_vs_forgetting_*`` (Fig. 4) and ``mask_overlays_*``
-    (Fig. 3, from ``overlays.npz``). ``plots=False`` writes the tables only.
+    (Fig. 3, from ``overlays.npz``). Semantic segmentation runs: seed 003's table
+    of base / new / all mIoU after each step, all-class mIoU curves and per-class
+    IoU heatmaps (:mod:`train.report_semantic`; ``semantic_`` before the table
+    names when other runs are reported too). ``plots=False`` writes the tables only.
     """
     runs = load_runs(paths)
-    cls = [r for r in runs if not r.is_segmentation]
+    cls = [r for r in runs if r.problem == "classification"]
     seg = [r for r in runs if r.is_segmentation]
+    sem = [r for r in runs if r.is_semantic]
     out = Path(out_dir)
     for m in list(metrics) + list(seg_metrics):
         metric_info(m)
@@ -1035,5 +1083,16 @@ def make_report(
             table, md, md_path, csv_path = seg_table, seg_md, seg_md_path, seg_csv
         else:
             md = md + "\n## Segmentation\n\n" + seg_md
+    if sem:
+        from train.report_semantic import semantic_report
+
+        sem_table, sem_md, sem_md_path, sem_csv, sem_files, sem_plots = semantic_report(
+            sem, out, "semantic_" if (cls or seg) else "", draw)
+        files += sem_files
+        plots += sem_plots
+        if table is None:
+            table, md, md_path, csv_path = sem_table, sem_md, sem_md_path, sem_csv
+        else:
+            md = md + "\n## Semantic segmentation\n\n" + sem_md
     return Report(table=table, markdown=md, table_md=md_path, table_csv=csv_path, plots=plots,
                   seg_table=seg_table, files=files)

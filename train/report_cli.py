@@ -50,7 +50,9 @@ def main(rundirs: tuple[str, ...], out_dir: str, metrics: str, seg_metrics: str,
     Segmentation runs ("problem": "segmentation" in config.json) get the
     CL-AVS tables (Avg mAP = AA, Avg For = F of the mAP matrix, and every
     metric per protocol), Max-F heatmaps, forward transfer vs. forgetting
-    and mask overlays.
+    and mask overlays. Semantic segmentation runs ("problem": "semantic")
+    get seed 003's table (mIoU over base / new / all classes after each
+    step), all-class mIoU curves and per-class IoU heatmaps.
     """
     chosen = [m.strip() for m in metrics.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METRICS]
