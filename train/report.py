@@ -1073,26 +1073,23 @@ def make_report(
                 + plot_accuracy_matrices(table, out)
                 + plot_transfer_vs_forgetting(table, out)
             )
-    seg_table = None
-    if seg:
-        seg_table, seg_md, seg_md_path, seg_csv, seg_files, seg_plots = _segmentation_report(
-            seg, out, seg_metrics, "seg_" if cls else "", draw)
-        files += seg_files
-        plots += seg_plots
-        if table is None:
-            table, md, md_path, csv_path = seg_table, seg_md, seg_md_path, seg_csv
-        else:
-            md = md + "\n## Segmentation\n\n" + seg_md
-    if sem:
-        from train.report_semantic import semantic_report
+    from train.report_semantic import semantic_report
 
-        sem_table, sem_md, sem_md_path, sem_csv, sem_files, sem_plots = semantic_report(
-            sem, out, "semantic_" if (cls or seg) else "", draw)
-        files += sem_files
-        plots += sem_plots
+    seg_table = None
+    parts = [(seg, "seg_" if cls else "", "Segmentation",
+              lambda rs, prefix: _segmentation_report(rs, out, seg_metrics, prefix, draw)),
+             (sem, "semantic_" if (cls or seg) else "", "Semantic segmentation",
+              lambda rs, prefix: semantic_report(rs, out, prefix, draw))]
+    for rs, prefix, heading, report in parts:
+        if not rs:
+            continue
+        p_table, p_md, p_md_path, p_csv, p_files, p_plots = report(rs, prefix)
+        seg_table = p_table if rs is seg else seg_table
+        files += p_files
+        plots += p_plots
         if table is None:
-            table, md, md_path, csv_path = sem_table, sem_md, sem_md_path, sem_csv
+            table, md, md_path, csv_path = p_table, p_md, p_md_path, p_csv
         else:
-            md = md + "\n## Semantic segmentation\n\n" + sem_md
+            md = md + f"\n## {heading}\n\n" + p_md
     return Report(table=table, markdown=md, table_md=md_path, table_csv=csv_path, plots=plots,
                   seg_table=seg_table, files=files)
