@@ -24,7 +24,6 @@ list is the val clips), as used to choose settings without looking at the test c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -102,9 +101,10 @@ def steps_of(out: Path, seeds: list[int]) -> np.ndarray:
 
 def class_iou(run: Path) -> dict[str, np.ndarray]:
     """Class name -> IoU after each step (NaN before the class is seen) of one run directory."""
-    with open(run / "semantic_class_iou.csv") as f:
-        rows = list(csv.reader(f))
-    return {r[1]: np.array([float(x) if x else np.nan for x in r[2:]]) for r in rows[1:]}
+    from train.report_semantic import read_class_iou
+
+    names, vals = read_class_iou(run / "semantic_class_iou.csv")
+    return dict(zip(names, vals))
 
 
 def csr_targets(cmr: Path, rnd: Path, seeds: list[int], T: int) -> tuple[np.ndarray, np.ndarray]:

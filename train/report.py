@@ -1073,18 +1073,16 @@ def make_report(
                 + plot_accuracy_matrices(table, out)
                 + plot_transfer_vs_forgetting(table, out)
             )
-    from train.report_semantic import semantic_report
-
     seg_table = None
-    parts = [(seg, "seg_" if cls else "", "Segmentation",
-              lambda rs, prefix: _segmentation_report(rs, out, seg_metrics, prefix, draw)),
-             (sem, "semantic_" if (cls or seg) else "", "Semantic segmentation",
-              lambda rs, prefix: semantic_report(rs, out, prefix, draw))]
-    for rs, prefix, heading, report in parts:
-        if not rs:
-            continue
-        p_table, p_md, p_md_path, p_csv, p_files, p_plots = report(rs, prefix)
-        seg_table = p_table if rs is seg else seg_table
+    sections = []  # (heading, table, markdown, md path, csv path, files, plots)
+    if seg:
+        seg_table, *rest = _segmentation_report(seg, out, seg_metrics, "seg_" if cls else "", draw)
+        sections.append(("Segmentation", seg_table, *rest))
+    if sem:
+        from train.report_semantic import semantic_report
+
+        sections.append(("Semantic segmentation", *semantic_report(sem, out, "semantic_" if cls or seg else "", draw)))
+    for heading, p_table, p_md, p_md_path, p_csv, p_files, p_plots in sections:
         files += p_files
         plots += p_plots
         if table is None:

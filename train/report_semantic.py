@@ -96,11 +96,9 @@ def semantic_markdown(table: Table) -> str:
     return "\n".join(parts) + "\n" + table_caption(table) + "\n"
 
 
-def _class_iou(run: Run) -> tuple[list[str], np.ndarray] | None:
-    """(class names, (C, T) IoU, NaN where empty) from ``semantic_class_iou.csv``; None without it."""
-    path = run.path / "semantic_class_iou.csv"
-    if not path.is_file():
-        return None
+def read_class_iou(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """(class names, (C, T) IoU, NaN where empty) of a run's ``semantic_class_iou.csv``."""
+    path = Path(path)
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     if len(rows) < 2 or rows[0][:2] != ["channel", "class"]:
@@ -110,6 +108,12 @@ def _class_iou(run: Run) -> tuple[list[str], np.ndarray] | None:
     except ValueError as e:
         raise ReportError(f"{path}: {e}") from e
     return [r[1] for r in rows[1:]], vals
+
+
+def _class_iou(run: Run) -> tuple[list[str], np.ndarray] | None:
+    """:func:`read_class_iou` of the run, None when it wrote no ``semantic_class_iou.csv``."""
+    path = run.path / "semantic_class_iou.csv"
+    return read_class_iou(path) if path.is_file() else None
 
 
 def plot_class_iou(table: Table, out_dir: str | Path) -> list[Path]:
